@@ -1,0 +1,229 @@
+"""ProducerActor: one aiokafka producer, the pipeline, and the publishing strategies.
+
+A plain class (testable without Ray); ``athomic.actors.topology`` makes it a Ray actor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    NotLeaderForPartitionError,
+    UnknownTopicOrPartitionError,
+)
+from athomic.pipeline import Pipeline
+
+from athomic.errors import (
+    AthomicError,
+    MessagingConnectionError,
+    ProducerClosedError,
+    PublishError,
+    RecordTooLargeError,
+)
+from athomic.messages import PublishingOutcome, PublishRequest
+from athomic.settings import MessagingSettings
+from athomic.strategies import DirectPublishStrategy, OutgoingRecord, PublishingStrategy
+
+
+def translate_kafka_error(exc: BaseException, *, topic: str | None = None) -> AthomicError:
+    """The one place where Kafka client errors become athomic errors."""
+    if isinstance(exc, AthomicError):
+        return exc
+    if isinstance(exc, MessageSizeTooLargeError):
+        return RecordTooLargeError(f"record for {topic!r} rejected as too large: {exc}",
+                                   size=-1, limit=-1)
+    if isinstance(exc, KafkaConnectionError):
+        return MessagingConnectionError(f"cannot reach the Kafka brokers: {exc}")
+    if isinstance(exc, (KafkaTimeoutError, asyncio.TimeoutError)):
+        return PublishError(f"no acknowledgement for {topic!r} in time: {exc!r}", topic=topic)
+    if isinstance(exc, UnknownTopicOrPartitionError):
+        return PublishError(f"topic {topic!r} does not exist on the brokers", topic=topic)
+    if isinstance(exc, (NotLeaderForPartitionError, KafkaError)):
+        return PublishError(f"publishing to {topic!r} failed: {exc!r}", topic=topic)
+    return PublishError(f"publishing to {topic!r} failed: {exc!r}", topic=topic)
+
+
+class ProducerActor:
+    """Publishes messages to Kafka through one idempotent aiokafka producer.
+
+    Guarantees: ``publish`` returns only after the broker acknowledged the record (acks=all
+    by default); a failure raises ``PublishError`` / ``MessagingConnectionError``. Every
+    message is encoded and size-checked before any byte is sent, so a bad message in a batch
+    leaves the whole batch unsent. Idempotency: the message id is fixed by the caller, so
+    a call retried after an actor restart resends the same message (at-least-once, with a
+    stable id to deduplicate on).
+    """
+
+    def __init__(self, settings: MessagingSettings, lane: str = "normal",
+                 index: int = 0) -> None:
+        self.settings = settings
+        self.lane = lane
+        self.index = index
+        self.pipeline = Pipeline.from_settings(settings)
+        self.direct = DirectPublishStrategy(settings)
+        self._producer: AIOKafkaProducer | None = None
+        self._start_lock: asyncio.Lock | None = None
+        self._closed = False
+        self._fingerprint = settings.fingerprint()
+        self._sent = 0
+        self._failed = 0
+
+    # --- lifecycle ---------------------------------------------------------------------
+    async def _ensure_started(self) -> AIOKafkaProducer:
+        if self._closed:
+            raise ProducerClosedError("this producer has been shut down")
+        if self._producer is not None:
+            return self._producer
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if self._producer is None:
+                self._producer = await self._start_producer()
+        return self._producer
+
+    async def _start_producer(self) -> AIOKafkaProducer:
+        tuning = self.settings.producer
+        producer = AIOKafkaProducer(
+            **self.settings.kafka_client_options(),
+            acks=tuning.acks,
+            enable_idempotence=tuning.enable_idempotence,
+            linger_ms=tuning.linger_ms,
+            max_batch_size=tuning.max_batch_size,
+            max_request_size=tuning.max_request_size,
+            compression_type=tuning.compression_type,
+        )
+        try:
+            await asyncio.wait_for(producer.start(), tuning.connect_timeout_s)
+        except BaseException as exc:
+            await _quietly_stop(producer)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise MessagingConnectionError(
+                f"cannot reach the Kafka brokers at {self.settings.bootstrap_servers} within "
+                f"{tuning.connect_timeout_s}s: {exc!r}") from None
+        return producer
+
+    async def stop(self) -> None:
+        """Flush what is pending, then close the Kafka producer. Idempotent."""
+        self._closed = True
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            try:
+                await producer.flush()
+            finally:
+                await producer.stop()
+
+    # --- publishing --------------------------------------------------------------------
+    def strategy_for(self, request: PublishRequest) -> PublishingStrategy:
+        return self.direct
+
+    def prepare(self, requests: Sequence[PublishRequest]
+                ) -> list[tuple[OutgoingRecord, PublishingOutcome]]:
+        """Encode and check every request; raises before anything is sent."""
+        limit = self.settings.producer.max_request_size
+        prepared = []
+        for i, request in enumerate(requests):
+            index = i if len(requests) > 1 else None
+            strategy = self.strategy_for(request)
+            try:
+                encoded = self.pipeline.encode(
+                    request.value, topic=self.direct.topic_for(request), key=request.key,
+                    message_id=request.message_id)
+                record = strategy.build(request, encoded)
+            except AthomicError as exc:
+                if index is not None and getattr(exc, "index", None) is None:
+                    exc.index = index  # type: ignore[attr-defined]
+                    exc.args = (f"message #{index}: {exc.args[0]}", *exc.args[1:])
+                raise
+            size = record.size()
+            if size > limit:
+                raise RecordTooLargeError(
+                    f"record for {record.topic!r} is {size} bytes, over "
+                    f"producer.max_request_size={limit}", size=size, limit=limit, index=index)
+            prepared.append((record, strategy.outcome))
+        return prepared
+
+    async def _send_all(self, prepared: list[tuple[OutgoingRecord, PublishingOutcome]]
+                        ) -> list[BaseException | None]:
+        producer = await self._ensure_started()
+        futures: list[asyncio.Future[Any] | BaseException] = []
+        for record, _ in prepared:
+            try:
+                futures.append(await producer.send(
+                    record.topic, record.value, key=record.key, headers=record.headers))
+            except Exception as exc:  # e.g. metadata timeout for an unknown topic
+                futures.append(exc)
+        results: list[BaseException | None] = []
+        for fut in futures:
+            if isinstance(fut, BaseException):
+                results.append(fut)
+                continue
+            try:
+                await fut
+                results.append(None)
+            except Exception as exc:
+                results.append(exc)
+        return results
+
+    async def publish(self, request: PublishRequest) -> PublishingOutcome:
+        """Publish one message; returns once the broker acknowledged it."""
+        prepared = self.prepare([request])
+        (error,) = await self._send_all(prepared)
+        if error is not None:
+            self._failed += 1
+            raise translate_kafka_error(error, topic=prepared[0][0].topic) from None
+        self._sent += 1
+        return prepared[0][1]
+
+    async def publish_batch(self, requests: list[PublishRequest]) -> list[PublishingOutcome]:
+        """Publish many messages: send all, then await all acknowledgements.
+
+        If some fail, raises PublishError whose ``outcomes`` tells which were acknowledged.
+        """
+        if not requests:
+            return []
+        prepared = self.prepare(requests)
+        errors = await self._send_all(prepared)
+        failures = {i: repr(e) for i, e in enumerate(errors) if e is not None}
+        outcomes = [outcome if errors[i] is None else None
+                    for i, (_, outcome) in enumerate(prepared)]
+        self._sent += len(requests) - len(failures)
+        if failures:
+            self._failed += len(failures)
+            first = min(failures)
+            cause = translate_kafka_error(errors[first] or Exception(),
+                                          topic=prepared[first][0].topic)
+            raise PublishError(
+                f"{len(failures)} of {len(requests)} messages were not acknowledged; "
+                f"first (#{first}): {cause}", topic=prepared[first][0].topic,
+                failures=failures, outcomes=outcomes) from None
+        return outcomes  # type: ignore[return-value]
+
+    # --- introspection -----------------------------------------------------------------
+    async def fingerprint(self) -> str:
+        return self._fingerprint
+
+    async def stats(self) -> dict[str, Any]:
+        import os
+
+        import ray
+
+        return {"lane": self.lane, "index": self.index, "sent": self._sent,
+                "pid": os.getpid(), "actor_id": ray.get_runtime_context().get_actor_id(),
+                "failed": self._failed, "started": self._producer is not None,
+                "time": time.time()}
+
+
+async def _quietly_stop(producer: AIOKafkaProducer) -> None:
+    # It already failed to start; a second error here adds nothing.
+    with contextlib.suppress(Exception):
+        await producer.stop()

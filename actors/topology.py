@@ -1,0 +1,98 @@
+"""Where the plain actor classes become Ray actors: names, namespace, restarts, resources.
+
+Every actor athomic starts is a named, detached actor in the ``athomic`` namespace whose
+name begins with the connection name, so any process in the cluster that asks for the same
+connection gets the same actors, and ``teardown`` finds them all again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import ray
+
+from athomic.errors import ConfigurationError
+from athomic.settings import MessagingSettings
+
+from .producer import ProducerActor
+
+NAMESPACE = "athomic"
+LANES = ("high", "normal", "low")
+
+
+def producer_actor_name(connection_name: str, lane: str, index: int) -> str:
+    return f"{connection_name}.producer.{lane}.{index}"
+
+
+def _lane_sizes(settings: MessagingSettings) -> dict[str, int]:
+    lanes = settings.lanes
+    sizes = {"high": lanes.high, "normal": lanes.normal}
+    if lanes.low:
+        sizes["low"] = lanes.low
+    return sizes
+
+
+def ensure_ray() -> None:
+    if not ray.is_initialized():
+        ray.init(namespace=NAMESPACE, log_to_driver=False)
+
+
+def apply_producers(settings: MessagingSettings) -> dict[str, list[Any]]:
+    """Get or create the ProducerActors of ``settings.connection_name``, by lane.
+
+    Raises ConfigurationError when actors of that connection already run with different
+    settings (call ``ProducerFactory.shutdown`` first to change them).
+    """
+    ensure_ray()
+    remote_cls = ray.remote(ProducerActor)
+    lanes: dict[str, list[Any]] = {}
+    for lane, count in _lane_sizes(settings).items():
+        lanes[lane] = [
+            remote_cls.options(
+                name=producer_actor_name(settings.connection_name, lane, i),
+                namespace=NAMESPACE,
+                lifetime="detached",
+                get_if_exists=True,
+                max_restarts=-1,
+                # A retried call carries the same message id: at-least-once, deduplicable.
+                max_task_retries=3,
+                num_cpus=settings.lanes.actor_num_cpus,
+                max_concurrency=10_000,
+            ).remote(settings, lane, i)
+            for i in range(count)
+        ]
+    actors = [a for group in lanes.values() for a in group]
+    expected = settings.fingerprint()
+    found = ray.get([a.fingerprint.remote() for a in actors])
+    if any(fp != expected for fp in found):
+        raise ConfigurationError(
+            f"producer actors for connection {settings.connection_name!r} already run with "
+            "different settings; call ProducerFactory.shutdown("
+            f"{settings.connection_name!r}) first, or use another connection_name")
+    return lanes
+
+
+def actor_names(connection_name: str) -> list[str]:
+    """Names of every live athomic actor of a connection."""
+    if not ray.is_initialized():
+        return []
+    prefix = f"{connection_name}."
+    return sorted(
+        entry["name"] for entry in ray.util.list_named_actors(all_namespaces=True)
+        if entry["namespace"] == NAMESPACE and entry["name"].startswith(prefix))
+
+
+def teardown(connection_name: str, *, timeout_s: float = 30.0) -> list[str]:
+    """Stop every actor of a connection: flush and close gracefully, then kill."""
+    names = actor_names(connection_name)
+    handles: list[Any] = []
+    for name in names:
+        with contextlib.suppress(ValueError):
+            handles.append(ray.get_actor(name, namespace=NAMESPACE))
+    stops: list[Any] = [h.stop.remote() for h in handles]
+    if stops:
+        ray.wait(stops, num_returns=len(stops), timeout=timeout_s)
+    for h in handles:
+        ray.kill(h, no_restart=True)
+    return names

@@ -1,0 +1,64 @@
+"""athomic: Ray-native event publishing to Apache Kafka.
+
+Publish through a Ray actor handle; every message passes a declarative payload pipeline,
+carries trace context and lineage in its headers, and can be delayed and prioritised.
+"""
+
+from ._handle import ProducerFactory, ProducerHandle
+from .errors import (
+    AthomicError,
+    CompressionError,
+    ConfigurationError,
+    DecryptionError,
+    EncryptionError,
+    InvalidDelayError,
+    InvalidHeaderError,
+    InvalidTopicError,
+    MalformedEnvelopeError,
+    MessagingConnectionError,
+    MessagingError,
+    PipelineError,
+    ProducerClosedError,
+    PublishError,
+    RecordTooLargeError,
+    SerializationError,
+    ValidationError,
+)
+from .messages import MessageHeaders, MessagePriority, PublishingOutcome
+from .pipeline import decode_message
+from .settings import MessagingSettings
+from .strategies import DirectPublishStrategy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # errors
+    "AthomicError",
+    "CompressionError",
+    "ConfigurationError",
+    "DecryptionError",
+    # types
+    "DirectPublishStrategy",
+    "EncryptionError",
+    "InvalidDelayError",
+    "InvalidHeaderError",
+    "InvalidTopicError",
+    "MalformedEnvelopeError",
+    "MessageHeaders",
+    "MessagePriority",
+    "MessagingConnectionError",
+    "MessagingError",
+    # settings
+    "MessagingSettings",
+    "PipelineError",
+    "ProducerClosedError",
+    # clients
+    "ProducerFactory",
+    "ProducerHandle",
+    "PublishError",
+    "PublishingOutcome",
+    "RecordTooLargeError",
+    "SerializationError",
+    "ValidationError",
+    "decode_message",
+]

@@ -1,0 +1,305 @@
+"""Core message types: priority, outcome, headers, wire-format header names, ids.
+
+Pure code with no I/O; the wire-format table in the README lists the same names.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Union
+
+from .errors import InvalidHeaderError, InvalidTopicError
+
+
+class MessagePriority(str, enum.Enum):
+    """How urgently a message must go out. HIGH has its own producer actors."""
+
+    LOW = "low"
+    NORMAL = "normal"
+    HIGH = "high"
+
+    @classmethod
+    def parse(cls, value: MessagePriority | str) -> MessagePriority:
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(str(value).lower())
+        except ValueError:
+            raise InvalidHeaderError(
+                f"unknown priority {value!r}; expected one of low, normal, high",
+                value=value) from None
+
+
+class PublishingOutcome(str, enum.Enum):
+    """What ``publish`` did with a message once the broker acknowledged it."""
+
+    SUCCESS_DIRECT = "success_direct"
+    """Written to its final topic."""
+    SUCCESS_DELAYED = "success_delayed"
+    """Written to a delay topic; the republisher delivers it at its due time."""
+
+
+# --- wire format -------------------------------------------------------------------------
+# Header keys. Kept stable: the README's "Wire format" table documents each one.
+H_MESSAGE_ID = "message-id"
+H_CONTENT_TYPE = "content-type"
+H_CONTENT_ENCODING = "content-encoding"
+H_SCHEMA = "athomic-schema"
+H_ENCRYPTION = "athomic-encryption"
+H_KEY_ID = "athomic-key-id"
+H_PRIORITY = "athomic-priority"
+H_TRACEPARENT = "traceparent"
+H_TRACESTATE = "tracestate"
+H_BAGGAGE = "baggage"
+H_PRODUCER = "athomic-producer"
+H_RAY_JOB_ID = "athomic-ray-job-id"
+H_RAY_NODE_ID = "athomic-ray-node-id"
+H_RAY_TASK_ID = "athomic-ray-task-id"
+H_RAY_ACTOR_ID = "athomic-ray-actor-id"
+H_HOST = "athomic-host"
+H_PUBLISHED_AT = "athomic-published-at"
+H_DELIVER_AT = "athomic-deliver-at"
+H_HOP = "athomic-hop"
+H_CONTEXT_PREFIX = "athomic-ctx-"
+H_ERROR = "athomic-error"
+H_ERROR_SOURCE = "athomic-error-source"
+
+# Kafka's own limits for topic names.
+_TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+_TOPIC_MAX = 249
+
+HeaderValue = Union[bytes, str]  # noqa: UP007 (a runtime alias; | needs 3.10 objects)
+HeadersLike = Union["MessageHeaders", Mapping[str, HeaderValue],
+                    Iterable[tuple[str, HeaderValue]], None]
+
+
+def validate_topic(topic: object) -> str:
+    """Return ``topic`` if Kafka accepts it as a topic name, else raise InvalidTopicError."""
+    if not isinstance(topic, str) or not topic:
+        raise InvalidTopicError(f"topic must be a non-empty string, got {topic!r}", value=topic)
+    if len(topic) > _TOPIC_MAX:
+        raise InvalidTopicError(f"topic name longer than {_TOPIC_MAX} characters", value=topic)
+    if topic in (".", "..") or not _TOPIC_RE.match(topic):
+        raise InvalidTopicError(
+            f"invalid topic name {topic!r}: use only ASCII letters, digits, '.', '_' and '-'",
+            value=topic)
+    return topic
+
+
+class MessageHeaders:
+    """Ordered Kafka headers: ``(str, bytes)`` pairs with dict-like helpers.
+
+    Kafka allows repeated keys; ``[key]`` and ``get`` return the last value, ``set`` replaces
+    every value of a key, ``add`` appends. ``str`` values are stored UTF-8 encoded.
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: HeadersLike = None) -> None:
+        self._items: list[tuple[str, bytes]] = []
+        if items is None:
+            return
+        if isinstance(items, MessageHeaders):
+            self._items = list(items._items)
+            return
+        pairs = items.items() if isinstance(items, Mapping) else items
+        for pair in pairs:
+            try:
+                key, value = pair
+            except (TypeError, ValueError):
+                raise InvalidHeaderError(
+                    f"headers must be (key, value) pairs, got {pair!r}", value=pair) from None
+            self.add(key, value)
+
+    @staticmethod
+    def _check(key: object, value: object) -> tuple[str, bytes]:
+        if not isinstance(key, str) or not key:
+            raise InvalidHeaderError(f"header key must be a non-empty str, got {key!r}",
+                                     value=key)
+        if isinstance(value, str):
+            return key, value.encode("utf-8")
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return key, bytes(value)
+        raise InvalidHeaderError(
+            f"header {key!r}: value must be bytes or str, got {type(value).__name__}",
+            value=key)
+
+    def add(self, key: str, value: HeaderValue) -> None:
+        self._items.append(self._check(key, value))
+
+    def set(self, key: str, value: HeaderValue) -> None:
+        k, v = self._check(key, value)
+        self._items = [(ik, iv) for ik, iv in self._items if ik != k]
+        self._items.append((k, v))
+
+    def setdefault(self, key: str, value: HeaderValue) -> None:
+        if key not in self:
+            self.add(key, value)
+
+    def get(self, key: str, default: bytes | None = None) -> bytes | None:
+        for k, v in reversed(self._items):
+            if k == key:
+                return v
+        return default
+
+    def get_str(self, key: str, default: str | None = None) -> str | None:
+        value = self.get(key)
+        return default if value is None else value.decode("utf-8", "replace")
+
+    def get_all(self, key: str) -> list[bytes]:
+        return [v for k, v in self._items if k == key]
+
+    def remove(self, key: str) -> None:
+        self._items = [(k, v) for k, v in self._items if k != key]
+
+    def update(self, other: HeadersLike, *, overwrite: bool = True) -> None:
+        for key, value in MessageHeaders(other).items():
+            if overwrite:
+                self.set(key, value)
+            else:
+                self.setdefault(key, value)
+
+    def items(self) -> list[tuple[str, bytes]]:
+        return list(self._items)
+
+    def to_kafka(self) -> list[tuple[str, bytes]]:
+        """The pairs in the form aiokafka sends."""
+        return list(self._items)
+
+    def size(self) -> int:
+        """Bytes these headers take in a record (keys and values)."""
+        return sum(len(k.encode("utf-8")) + len(v) for k, v in self._items)
+
+    def copy(self) -> MessageHeaders:
+        return MessageHeaders(self)
+
+    def __getitem__(self, key: str) -> bytes:
+        value = self.get(key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __setitem__(self, key: str, value: HeaderValue) -> None:
+        self.set(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        if key not in self:
+            raise KeyError(key)
+        self.remove(key)
+
+    def __contains__(self, key: object) -> bool:
+        return any(k == key for k, _ in self._items)
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k, _ in self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, MessageHeaders):
+            return self._items == other._items
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._items))
+
+    def __repr__(self) -> str:
+        return f"MessageHeaders({self._items!r})"
+
+    def __getstate__(self) -> list[tuple[str, bytes]]:
+        return self._items
+
+    def __setstate__(self, state: list[tuple[str, bytes]]) -> None:
+        self._items = state
+
+    @classmethod
+    def from_kafka(cls, pairs: Iterable[tuple[str, bytes | None]] | None) -> MessageHeaders:
+        """Headers of a consumed record (aiokafka gives a tuple of pairs; None values kept
+        as empty bytes)."""
+        headers = cls()
+        for key, value in pairs or ():
+            headers._items.append((key, value or b""))
+        return headers
+
+
+def as_headers(value: Any) -> MessageHeaders:
+    """Coerce what a caller passed as ``headers=`` into MessageHeaders."""
+    if isinstance(value, MessageHeaders):
+        return value.copy()
+    return MessageHeaders(value)
+
+
+# --- message ids: UUIDv7 (RFC 9562) --------------------------------------------------------
+_uuid_lock = threading.Lock()
+_uuid_last_ms = 0
+_uuid_seq = 0
+
+
+def new_message_id() -> str:
+    """A UUIDv7 string: 48-bit Unix milliseconds, then a 12-bit counter seeded at random each
+    millisecond (monotonic within a process), then 62 random bits."""
+    global _uuid_last_ms, _uuid_seq
+    with _uuid_lock:
+        ms = time.time_ns() // 1_000_000
+        if ms > _uuid_last_ms:
+            _uuid_last_ms = ms
+            _uuid_seq = int.from_bytes(os.urandom(2), "big") & 0x7FF
+        else:
+            _uuid_seq += 1
+            if _uuid_seq > 0xFFF:  # counter exhausted: borrow the next millisecond
+                _uuid_last_ms += 1
+                _uuid_seq = 0
+            ms = _uuid_last_ms
+        seq = _uuid_seq
+    rand = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+    value = (ms << 80) | (0x7 << 76) | (seq << 64) | (0b10 << 62) | rand
+    return str(uuid.UUID(int=value))
+
+
+def message_id_time(message_id: str) -> float:
+    """Unix time (seconds) embedded in a UUIDv7 message id."""
+    return (uuid.UUID(message_id).int >> 80) / 1000.0
+
+
+# --- a publish request, as the handle hands it to a ProducerActor -------------------------
+class PublishRequest:
+    """One validated message on its way from a handle to a ProducerActor.
+
+    Built on the caller's side: the payload is serialised there (so the actors never need
+    the caller's classes), and the message id, publish time, due time and captured context
+    are fixed there, so a retried actor call resends the same message.
+    """
+
+    __slots__ = ("deliver_at", "headers", "key", "message_id", "priority", "published_at",
+                 "topic", "value")
+
+    def __init__(self, *, topic: str, value: bytes | None, key: bytes | None,
+                 headers: MessageHeaders, priority: MessagePriority,
+                 deliver_at: float | None, message_id: str, published_at: float) -> None:
+        self.topic = topic
+        self.value = value
+        self.key = key
+        self.headers = headers
+        self.priority = priority
+        self.deliver_at = deliver_at
+        self.message_id = message_id
+        self.published_at = published_at
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, s) for s in self.__slots__)
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        for name, value in zip(self.__slots__, state, strict=False):
+            setattr(self, name, value)
+
+    def __repr__(self) -> str:
+        return (f"PublishRequest(topic={self.topic!r}, key={self.key!r}, "
+                f"priority={self.priority.value}, deliver_at={self.deliver_at}, "
+                f"message_id={self.message_id})")

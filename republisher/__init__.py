@@ -1,0 +1,1 @@
+"""The republisher: delivers delayed messages from delay topics when they are due."""
