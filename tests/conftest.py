@@ -41,8 +41,9 @@ def ray_session() -> Iterator[Any]:
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, namespace="athomic-tests", include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+        # address="local": always a fresh local Ray, never a cluster some other process runs
+        ray.init(address="local", num_cpus=4, namespace="athomic-tests",
+                 include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 
