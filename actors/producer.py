@@ -20,7 +20,6 @@ from aiokafka.errors import (
     NotLeaderForPartitionError,
     UnknownTopicOrPartitionError,
 )
-from athomic.pipeline import Pipeline
 
 from athomic.errors import (
     AthomicError,
@@ -30,6 +29,7 @@ from athomic.errors import (
     RecordTooLargeError,
 )
 from athomic.messages import PublishingOutcome, PublishRequest
+from athomic.pipeline import Pipeline
 from athomic.settings import MessagingSettings
 from athomic.strategies import DirectPublishStrategy, OutgoingRecord, PublishingStrategy
 
@@ -118,7 +118,10 @@ class ProducerActor:
         producer, self._producer = self._producer, None
         if producer is not None:
             try:
-                await producer.flush()
+                await asyncio.wait_for(
+                    producer.flush(), self.settings.producer.delivery_timeout_ms / 1000)
+            except asyncio.TimeoutError:
+                pass  # what could not be delivered was already reported as PublishError
             finally:
                 await producer.stop()
 
@@ -154,12 +157,18 @@ class ProducerActor:
 
     async def _send_all(self, prepared: list[tuple[OutgoingRecord, PublishingOutcome]]
                         ) -> list[BaseException | None]:
+        """Send every record, then await every acknowledgement, all within the delivery
+        timeout (an idempotent aiokafka producer would otherwise retry forever)."""
         producer = await self._ensure_started()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.producer.delivery_timeout_ms / 1000
         futures: list[asyncio.Future[Any] | BaseException] = []
         for record, _ in prepared:
             try:
-                futures.append(await producer.send(
-                    record.topic, record.value, key=record.key, headers=record.headers))
+                futures.append(await asyncio.wait_for(
+                    producer.send(record.topic, record.value, key=record.key,
+                                  headers=record.headers),
+                    max(deadline - loop.time(), 0.001)))
             except Exception as exc:  # e.g. metadata timeout for an unknown topic
                 futures.append(exc)
         results: list[BaseException | None] = []
@@ -168,7 +177,10 @@ class ProducerActor:
                 results.append(fut)
                 continue
             try:
-                await fut
+                # shield: on timeout the record stays with the producer, which may still
+                # deliver it; only our wait ends.
+                await asyncio.wait_for(asyncio.shield(fut),
+                                       max(deadline - loop.time(), 0.001))
                 results.append(None)
             except Exception as exc:
                 results.append(exc)

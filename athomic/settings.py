@@ -76,6 +76,10 @@ class ProducerSettings(_Section):
     """Largest record accepted; larger ones raise RecordTooLargeError before sending."""
     request_timeout_ms: int = Field(30_000, ge=100)
     retry_backoff_ms: int = Field(100, ge=0)
+    delivery_timeout_ms: int = Field(120_000, ge=1000)
+    """Longest wait for a broker acknowledgement, retries included; then PublishError.
+    The message may still arrive later (with the same message id): PublishError means
+    "not acknowledged", so a caller may retry and consumers deduplicate on the id."""
     connect_timeout_s: float = Field(15.0, gt=0)
     """How long a producer waits for the brokers before raising MessagingConnectionError."""
     compression_type: Literal["gzip", "snappy", "lz4", "zstd"] | None = None

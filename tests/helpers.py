@@ -7,13 +7,13 @@ from typing import Any
 
 
 async def create_topics(bootstrap: str, *names: str, partitions: int = 1,
-                        config: dict[str, str] | None = None) -> None:
+                        replication: int = 1, config: dict[str, str] | None = None) -> None:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(n, partitions, 1, topic_configs=config or {})
+        await admin.create_topics([NewTopic(n, partitions, replication, topic_configs=config or {})
                                    for n in names])
     finally:
         await admin.close()
