@@ -94,16 +94,17 @@ class ZstdStage:
         if params.dict_id and params.dict_id not in self._dicts:
             raise _error(f"frame needs zstd dictionary {params.dict_id}, which is not "
                          "configured (compress.dictionary / decode_dictionaries)", message_id)
+        size = params.content_size
+        known = size not in (zstandard.CONTENTSIZE_UNKNOWN, zstandard.CONTENTSIZE_ERROR)
+        if known and size > limit:
+            raise _error(f"frame declares {size} bytes of content, over the bound of {limit} "
+                         "(compress.max_output_size)", message_id)
         if params.window_size > self._max_window:
             raise _error(f"frame asks for a {params.window_size}-byte window, over the "
                          f"{limit}-byte bound", message_id)
         dctx = self._decompressor(params.dict_id)
-        size = params.content_size
-        if size in (zstandard.CONTENTSIZE_UNKNOWN, zstandard.CONTENTSIZE_ERROR):
+        if not known:
             return _read_bounded(dctx, data, limit, message_id)
-        if size > limit:
-            raise _error(f"frame declares {size} bytes of content, over the bound of {limit} "
-                         "(compress.max_output_size)", message_id)
         try:
             # Known size: zstd writes into one buffer of exactly that size and fails if the
             # frame holds more; trailing bytes (a second frame) are refused.
