@@ -10,9 +10,10 @@ zstd dictionaries or custom codecs) the message needs.
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -54,9 +55,10 @@ class StageContext:
     """One message as a byte stage sees it.
 
     ``topic`` is the final (physical) topic, ``applied`` the codings applied before this
-    stage, ``headers`` the headers a stage records into (encode) or reads (decode). On
-    decode ``topic`` is None and ``key_known`` False when the caller did not say where the
-    record was read from.
+    stage. Encoding, a stage appends the headers it records to ``recorded``; decoding, it
+    reads the record's headers from ``headers`` (last value per name). On decode ``topic``
+    is None and ``key_known`` False when the caller did not say where the record was read
+    from.
     """
 
     topic: str | None
@@ -64,7 +66,8 @@ class StageContext:
     message_id: str
     content_type: str = ""
     applied: list[str] = field(default_factory=list)
-    headers: MessageHeaders = field(default_factory=MessageHeaders)
+    recorded: list[tuple[str, bytes]] = field(default_factory=list)
+    headers: Mapping[str, bytes] = field(default_factory=dict)
     key_known: bool = True
 
 
@@ -108,10 +111,10 @@ class StageWork:
     ctx: StageContext
 
     def finish(self) -> Encoded:
-        headers = self.ctx.headers
+        headers = self.ctx.recorded
         if self.ctx.applied:
-            headers.set(H_CONTENT_ENCODING, ", ".join(self.ctx.applied))
-        return Encoded(self.data, headers.items())
+            headers.append((H_CONTENT_ENCODING, ", ".join(self.ctx.applied).encode()))
+        return Encoded(self.data, headers)
 
 
 class StageRunner(Protocol):
@@ -264,20 +267,22 @@ class Pipeline:
                 ctx.applied.append(stage.name)
 
     # --- consumer side -----------------------------------------------------------------
-    def decode(self, value: bytes | None, headers: MessageHeaders, *, topic: str | None = None,
-               key: bytes | None = None, key_known: bool = False,
+    def decode(self, value: bytes | None, headers: MessageHeaders | Mapping[str, bytes], *,
+               topic: str | None = None, key: bytes | None = None, key_known: bool = False,
                model: type[Any] | None = None) -> Any:
         """Record value -> the published object, reversing the codings the headers list.
 
-        With ``topic`` (and ``key_known``) the ciphertext must be bound to that topic
-        (and ``key``); otherwise the topic and key recorded in the headers are used."""
+        ``headers``: MessageHeaders, or a mapping of name -> last value. With ``topic``
+        (and ``key_known``) the ciphertext must be bound to that topic (and ``key``);
+        otherwise the topic and key recorded in the headers are used."""
         if value is None:
             return None
-        codings = [c.strip() for c in (headers.get_str(H_CONTENT_ENCODING) or "").split(",")
-                   if c.strip()]
-        message_id = headers.get_str(H_MESSAGE_ID) or ""
-        ctx = StageContext(topic, key, message_id, headers.get_str(H_CONTENT_TYPE) or "",
-                           [], headers, key_known)
+        hmap = dict(headers.items()) if isinstance(headers, MessageHeaders) else headers
+        encoding = hmap.get(H_CONTENT_ENCODING)
+        codings = _parse_codings(encoding) if encoding else ()
+        message_id = hmap.get(H_MESSAGE_ID, b"").decode("utf-8", "replace")
+        content_type = hmap.get(H_CONTENT_TYPE, b"").decode("utf-8", "replace")
+        ctx = StageContext(topic, key, message_id, content_type, [], [], hmap, key_known)
         data = value
         for i in range(len(codings) - 1, -1, -1):
             name = codings[i]
@@ -285,12 +290,12 @@ class Pipeline:
             if stage is None:
                 if name == AES_256_GCM:
                     raise DecryptionError(
-                        f"message is encrypted (key id {headers.get_str(H_KEY_ID)!r}) but "
-                        "these settings have no encrypt stage with keys", stage="encrypt",
+                        f"message is encrypted (key id {hmap.get(H_KEY_ID)!r}) but these "
+                        "settings have no encrypt stage with keys", stage="encrypt",
                         message_id=message_id or None)
                 raise PipelineError(f"unknown content encoding {name!r}", stage=name,
                                     message_id=message_id or None)
-            ctx.applied = codings[:i]
+            ctx.applied = list(codings[:i])
             try:
                 data = stage.decode(data, ctx)
             except PipelineError:
@@ -299,10 +304,15 @@ class Pipeline:
                 raise PipelineError(f"{type(exc).__name__}: {exc}", stage=name,
                                     message_id=message_id or None) from exc
         try:
-            return self.serializer.loads(data, headers.get_str(H_CONTENT_TYPE), model)
+            return self.serializer.loads(data, content_type or None, model)
         except SerializationError as exc:
             exc.message_id = message_id or None
             raise
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_codings(header: bytes) -> tuple[str, ...]:
+    return tuple(c.strip() for c in header.decode("utf-8", "replace").split(",") if c.strip())
 
 
 def _build_stage(spec: ByteStageSpec) -> Stage:
@@ -340,6 +350,18 @@ def pipeline_for(settings: MessagingSettings) -> Pipeline:
     return built
 
 
+def _header_map(headers: Any) -> dict[str, bytes]:
+    """Record headers (MessageHeaders, aiokafka's pairs, a list or a mapping) -> name ->
+    last value, as Kafka consumers read repeated headers."""
+    if isinstance(headers, MessageHeaders):
+        return dict(headers.items())
+    out = dict(headers.items() if isinstance(headers, Mapping) else headers or ())
+    for name, value in out.items():
+        if type(value) is not bytes:  # rare: str values, None from Kafka, bytearray
+            out[name] = value.encode() if isinstance(value, str) else bytes(value or b"")
+    return out
+
+
 def _as_bytes(key: bytes | str | None) -> bytes | None:
     return key.encode("utf-8") if isinstance(key, str) else key
 
@@ -359,10 +381,9 @@ def decode_message(value: bytes | None, headers: Any, settings: MessagingSetting
     was published to. ``key=None`` here means "do not check the key"; ``decode_record``
     checks a null key too.
     """
-    hdrs = headers if isinstance(headers, MessageHeaders) else MessageHeaders.from_kafka(
-        headers)
-    return pipeline_for(settings).decode(value, hdrs, topic=topic, key=_as_bytes(key),
-                                         key_known=key is not None, model=model)
+    return pipeline_for(settings).decode(value, _header_map(headers), topic=topic,
+                                         key=_as_bytes(key), key_known=key is not None,
+                                         model=model)
 
 
 def decode_record(record: Any, settings: MessagingSettings, *,
@@ -370,8 +391,8 @@ def decode_record(record: Any, settings: MessagingSettings, *,
     """Decode a consumed record (anything with ``topic``, ``key``, ``value``, ``headers``,
     e.g. an aiokafka ConsumerRecord), binding decryption to the record's own topic and key:
     a record moved to another topic or key raises DecryptionError."""
-    hdrs = MessageHeaders.from_kafka(record.headers)
-    return pipeline_for(settings).decode(record.value, hdrs, topic=record.topic,
+    return pipeline_for(settings).decode(record.value, _header_map(record.headers),
+                                         topic=record.topic,
                                          key=_as_bytes(record.key), key_known=True,
                                          model=model)
 

@@ -34,6 +34,7 @@ TAG_BYTES = 16
 AAD_LABEL = b"athomic-aad-v1"
 
 _len = struct.Struct(">I").pack
+_CIPHER = AES_256_GCM.encode()
 
 
 def associated_data(*, cipher: bytes, key_id: bytes, topic: bytes, key: bytes | None,
@@ -44,13 +45,19 @@ def associated_data(*, cipher: bytes, key_id: bytes, topic: bytes, key: bytes | 
     topic; then the record key as ``0x00`` (null key) or ``0x01`` + length + bytes; then
     message id, content type, and the codings applied before encryption joined by ``", "``.
     """
-    key_part = b"\x00" if key is None else b"\x01" + _len(len(key)) + key
+    return _aad_head(cipher, key_id) + _aad_rest(topic, key, message_id, content_type,
+                                                 codings)
+
+
+def _aad_head(cipher: bytes, key_id: bytes) -> bytes:
+    return b"".join((AAD_LABEL, _len(len(cipher)), cipher, _len(len(key_id)), key_id))
+
+
+def _aad_rest(topic: bytes, key: bytes | None, message_id: bytes, content_type: bytes,
+              codings: bytes) -> bytes:
     return b"".join((
-        AAD_LABEL,
-        _len(len(cipher)), cipher,
-        _len(len(key_id)), key_id,
         _len(len(topic)), topic,
-        key_part,
+        b"\x00" if key is None else b"\x01" + _len(len(key)) + key,
         _len(len(message_id)), message_id,
         _len(len(content_type)), content_type,
         _len(len(codings)), codings,
@@ -68,6 +75,8 @@ class AesGcmStage:
         self._ring = {kid: AESGCM(key) for kid, key in keys.items()}
         self.primary = primary
         self._primary_id = primary.encode() if primary is not None else b""
+        self._aad_prefix = _aad_head(_CIPHER, self._primary_id)
+        self._heads = {kid.encode(): _aad_head(_CIPHER, kid.encode()) for kid in keys}
 
     def __repr__(self) -> str:
         return f"AesGcmStage(key_ids={sorted(self._ring)}, primary={self.primary!r})"
@@ -82,22 +91,21 @@ class AesGcmStage:
             raise EncryptionError("no primary key to encrypt with", stage="encrypt",
                                   message_id=message_id)
         topic = (ctx.topic or "").encode()
-        aad = associated_data(
-            cipher=b"aes-256-gcm", key_id=self._primary_id, topic=topic, key=ctx.key,
-            message_id=ctx.message_id.encode(), content_type=ctx.content_type.encode(),
-            codings=", ".join(ctx.applied).encode())
+        aad = self._aad_prefix + _aad_rest(topic, ctx.key, ctx.message_id.encode(),
+                                           ctx.content_type.encode(),
+                                           ", ".join(ctx.applied).encode())
         nonce = os.urandom(NONCE_BYTES)
         try:
             sealed = self._ring[self.primary].encrypt(nonce, data, aad)
         except (OverflowError, ValueError, TypeError) as exc:
             raise EncryptionError(f"cannot encrypt: {type(exc).__name__}: {exc}",
                                   stage="encrypt", message_id=message_id) from None
-        headers = ctx.headers
-        headers.set(H_ENCRYPTION, AES_256_GCM)
-        headers.set(H_KEY_ID, self._primary_id)
-        headers.set(H_BOUND_TOPIC, topic)
+        recorded = ctx.recorded
+        recorded.append((H_ENCRYPTION, _CIPHER))
+        recorded.append((H_KEY_ID, self._primary_id))
+        recorded.append((H_BOUND_TOPIC, topic))
         if ctx.key is not None:
-            headers.set(H_BOUND_KEY, ctx.key)
+            recorded.append((H_BOUND_KEY, ctx.key))
         return nonce + sealed
 
     def decode(self, data: bytes, ctx: StageContext) -> bytes:
@@ -135,10 +143,9 @@ class AesGcmStage:
                 raise fail("encrypted for another record key than the record has")
         if len(data) < NONCE_BYTES + TAG_BYTES:
             raise fail(f"value of {len(data)} bytes is shorter than nonce and tag")
-        aad = associated_data(
-            cipher=cipher, key_id=key_id, topic=topic, key=key,
-            message_id=ctx.message_id.encode(), content_type=ctx.content_type.encode(),
-            codings=", ".join(ctx.applied).encode())
+        aad = self._heads[key_id] + _aad_rest(topic, key, ctx.message_id.encode(),
+                                              ctx.content_type.encode(),
+                                              ", ".join(ctx.applied).encode())
         try:
             return aead.decrypt(data[:NONCE_BYTES], data[NONCE_BYTES:], aad)
         except InvalidTag:
