@@ -20,6 +20,8 @@ from .stage import StageActor
 
 NAMESPACE = "athomic"
 LANES = ("high", "normal", "low")
+STAGE_START_TIMEOUT_S = 120.0
+"""How long ``apply_producers`` waits for the StageActor pool to be scheduled."""
 
 
 def producer_actor_name(connection_name: str, lane: str, index: int) -> str:
@@ -51,6 +53,20 @@ def apply_producers(settings: MessagingSettings) -> dict[str, list[Any]]:
     """
     ensure_ray()
     stage_actors = apply_stage_actors(settings)
+    if stage_actors:
+        try:
+            ray.get([a.fingerprint.remote() for a in stage_actors],
+                    timeout=STAGE_START_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            # Never scheduled, so never started: remove them rather than leave pending
+            # actors that hold a name (and make teardown wait for them).
+            for actor in stage_actors:
+                ray.kill(actor, no_restart=True)
+            raise ConfigurationError(
+                f"the {len(stage_actors)} StageActors of connection "
+                f"{settings.connection_name!r} did not start within "
+                f"{STAGE_START_TIMEOUT_S:.0f}s; each reserves 1 CPU: lower the stages' "
+                "replicas or add CPUs to the cluster") from None
     remote_cls = ray.remote(ProducerActor)
     lanes: dict[str, list[Any]] = {}
     for lane, count in _lane_sizes(settings).items():

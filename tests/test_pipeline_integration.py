@@ -19,6 +19,7 @@ from athomic.actors.topology import NAMESPACE, actor_names
 from helpers import read_records
 
 from athomic import (
+    ConfigurationError,
     DecryptionError,
     MessagePriority,
     ProducerFactory,
@@ -190,3 +191,15 @@ async def test_stage_actor_output_is_byte_identical_to_inline(settings_factory: 
         assert r.value == inline
         assert hdrs(r)["content-encoding"] == b"zstd"
         assert decode_record(r, placed) == p
+
+
+async def test_stage_pool_larger_than_the_cluster_is_a_clear_error(
+        settings_factory: Any, connection_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from athomic.actors import topology
+
+    monkeypatch.setattr(topology, "STAGE_START_TIMEOUT_S", 3.0)
+    settings = settings_factory(pipeline=stages("actors", 64))  # the test Ray has 4 CPUs
+    with pytest.raises(ConfigurationError, match=r"StageActors .* did not start within 3s"):
+        ProducerFactory.create(settings)
+    ProducerFactory.shutdown(connection_name)
+    assert actor_names(connection_name) == []
