@@ -159,13 +159,19 @@ class Pipeline:
                 self.segments.append((place, i, i + 1))
 
     @classmethod
-    def from_settings(cls, settings: MessagingSettings) -> Pipeline:
+    def from_settings(cls, settings: MessagingSettings, *,
+                      byte_stages: bool = True) -> Pipeline:
+        """The pipeline the settings declare. ``byte_stages=False`` builds only the
+        serializer (what a ProducerHandle needs: no keys parsed, no custom stage imported
+        in every task the handle travels to)."""
         serializer = Serializer()
         stages: list[Stage] = []
         placement: list[str] = []
         for spec in settings.pipeline:
             if spec.stage == "serialize":
                 serializer = Serializer(spec.codec)
+                continue
+            if not byte_stages:
                 continue
             stages.append(_build_stage(spec))
             placement.append(spec.placement)

@@ -203,3 +203,13 @@ async def test_stage_pool_larger_than_the_cluster_is_a_clear_error(
         ProducerFactory.create(settings)
     ProducerFactory.shutdown(connection_name)
     assert actor_names(connection_name) == []
+
+
+async def test_a_broken_custom_stage_fails_at_create(settings_factory: Any,
+                                                     connection_name: str) -> None:
+    settings = settings_factory(pipeline=[
+        {"stage": "serialize"},
+        {"stage": "custom", "name": "armor", "path": "no_such_module_here:Codec"}])
+    with pytest.raises(ConfigurationError, match="cannot be imported"):
+        ProducerFactory.create(settings)
+    assert actor_names(connection_name) == []
