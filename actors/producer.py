@@ -28,10 +28,12 @@ from athomic.errors import (
     PublishError,
     RecordTooLargeError,
 )
-from athomic.messages import PublishingOutcome, PublishRequest
-from athomic.pipeline import Pipeline
+from athomic.messages import H_CONTENT_TYPE, PublishingOutcome, PublishRequest
+from athomic.pipeline import EncodeItem, Pipeline
 from athomic.settings import MessagingSettings
 from athomic.strategies import DirectPublishStrategy, OutgoingRecord, PublishingStrategy
+
+from .stage import StagePool
 
 
 def translate_kafka_error(exc: BaseException, *, topic: str | None = None) -> AthomicError:
@@ -64,11 +66,14 @@ class ProducerActor:
     """
 
     def __init__(self, settings: MessagingSettings, lane: str = "normal",
-                 index: int = 0) -> None:
+                 index: int = 0, stage_actors: Sequence[Any] | None = None) -> None:
         self.settings = settings
         self.lane = lane
         self.index = index
         self.pipeline = Pipeline.from_settings(settings)
+        # Stages placed on actors run on this pool; without one (a plain ProducerActor in
+        # a unit test) every stage runs inline.
+        self.stage_pool = StagePool(stage_actors) if stage_actors else None
         self.direct = DirectPublishStrategy(settings)
         self._producer: AIOKafkaProducer | None = None
         self._start_lock: asyncio.Lock | None = None
@@ -129,19 +134,22 @@ class ProducerActor:
     def strategy_for(self, request: PublishRequest) -> PublishingStrategy:
         return self.direct
 
-    def prepare(self, requests: Sequence[PublishRequest]
-                ) -> list[tuple[OutgoingRecord, PublishingOutcome]]:
-        """Encode and check every request; raises before anything is sent."""
+    async def prepare(self, requests: Sequence[PublishRequest]
+                      ) -> list[tuple[OutgoingRecord, PublishingOutcome]]:
+        """Encode and check every request; raises before anything is sent.
+
+        The whole batch is encoded in one ``encode_batch`` call (one StageActor call per
+        replica when stages are placed on actors), bound to each message's final topic."""
         limit = self.settings.producer.max_request_size
+        items = [EncodeItem(r.value, self.direct.topic_for(r), r.key, r.message_id,
+                            r.headers.get_str(H_CONTENT_TYPE) or "") for r in requests]
+        encoded = await self.pipeline.encode_batch(items, self.stage_pool)
         prepared = []
-        for i, request in enumerate(requests):
+        for i, (request, enc) in enumerate(zip(requests, encoded, strict=True)):
             index = i if len(requests) > 1 else None
             strategy = self.strategy_for(request)
             try:
-                encoded = self.pipeline.encode(
-                    request.value, topic=self.direct.topic_for(request), key=request.key,
-                    message_id=request.message_id)
-                record = strategy.build(request, encoded)
+                record = strategy.build(request, enc)
             except AthomicError as exc:
                 if index is not None and getattr(exc, "index", None) is None:
                     exc.index = index  # type: ignore[attr-defined]
@@ -157,38 +165,39 @@ class ProducerActor:
 
     async def _send_all(self, prepared: list[tuple[OutgoingRecord, PublishingOutcome]]
                         ) -> list[BaseException | None]:
-        """Send every record, then await every acknowledgement, all within the delivery
-        timeout (an idempotent aiokafka producer would otherwise retry forever)."""
+        """Send every record, then await every acknowledgement within the delivery timeout
+        (an idempotent aiokafka producer would otherwise retry a lost quorum forever)."""
         producer = await self._ensure_started()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.producer.delivery_timeout_ms / 1000
+        timeout = self.settings.producer.delivery_timeout_ms / 1000
+        start = asyncio.get_running_loop().time()
         futures: list[asyncio.Future[Any] | BaseException] = []
         for record, _ in prepared:
-            try:
-                futures.append(await asyncio.wait_for(
-                    producer.send(record.topic, record.value, key=record.key,
-                                  headers=record.headers),
-                    max(deadline - loop.time(), 0.001)))
+            try:  # send() waits on its own bounded timeouts (metadata, buffer space)
+                futures.append(await producer.send(
+                    record.topic, record.value, key=record.key, headers=record.headers))
             except Exception as exc:  # e.g. metadata timeout for an unknown topic
                 futures.append(exc)
+        waiting = [f for f in futures if not isinstance(f, BaseException)]
+        if waiting:
+            # asyncio.wait never cancels: a record still pending at the deadline stays with
+            # the producer, which may yet deliver it; only our wait ends.
+            remaining = timeout - (asyncio.get_running_loop().time() - start)
+            await asyncio.wait(waiting, timeout=max(remaining, 0.001))
         results: list[BaseException | None] = []
         for fut in futures:
             if isinstance(fut, BaseException):
                 results.append(fut)
-                continue
-            try:
-                # shield: on timeout the record stays with the producer, which may still
-                # deliver it; only our wait ends.
-                await asyncio.wait_for(asyncio.shield(fut),
-                                       max(deadline - loop.time(), 0.001))
-                results.append(None)
-            except Exception as exc:
-                results.append(exc)
+            elif not fut.done():
+                results.append(asyncio.TimeoutError(
+                    f"not acknowledged within delivery_timeout_ms="
+                    f"{self.settings.producer.delivery_timeout_ms}"))
+            else:
+                results.append(fut.exception())
         return results
 
     async def publish(self, request: PublishRequest) -> PublishingOutcome:
         """Publish one message; returns once the broker acknowledged it."""
-        prepared = self.prepare([request])
+        prepared = await self.prepare([request])
         (error,) = await self._send_all(prepared)
         if error is not None:
             self._failed += 1
@@ -203,7 +212,7 @@ class ProducerActor:
         """
         if not requests:
             return []
-        prepared = self.prepare(requests)
+        prepared = await self.prepare(requests)
         errors = await self._send_all(prepared)
         failures = {i: repr(e) for i, e in enumerate(errors) if e is not None}
         outcomes = [outcome if errors[i] is None else None

@@ -16,13 +16,20 @@ from athomic.errors import ConfigurationError
 from athomic.settings import MessagingSettings
 
 from .producer import ProducerActor
+from .stage import StageActor
 
 NAMESPACE = "athomic"
 LANES = ("high", "normal", "low")
+STAGE_START_TIMEOUT_S = 120.0
+"""How long ``apply_producers`` waits for the StageActor pool to be scheduled."""
 
 
 def producer_actor_name(connection_name: str, lane: str, index: int) -> str:
     return f"{connection_name}.producer.{lane}.{index}"
+
+
+def stage_actor_name(connection_name: str, index: int) -> str:
+    return f"{connection_name}.stage.{index}"
 
 
 def _lane_sizes(settings: MessagingSettings) -> dict[str, int]:
@@ -45,6 +52,21 @@ def apply_producers(settings: MessagingSettings) -> dict[str, list[Any]]:
     settings (call ``ProducerFactory.shutdown`` first to change them).
     """
     ensure_ray()
+    stage_actors = apply_stage_actors(settings)
+    if stage_actors:
+        try:
+            ray.get([a.fingerprint.remote() for a in stage_actors],
+                    timeout=STAGE_START_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            # Never scheduled, so never started: remove them rather than leave pending
+            # actors that hold a name (and make teardown wait for them).
+            for actor in stage_actors:
+                ray.kill(actor, no_restart=True)
+            raise ConfigurationError(
+                f"the {len(stage_actors)} StageActors of connection "
+                f"{settings.connection_name!r} did not start within "
+                f"{STAGE_START_TIMEOUT_S:.0f}s; each reserves 1 CPU: lower the stages' "
+                "replicas or add CPUs to the cluster") from None
     remote_cls = ray.remote(ProducerActor)
     lanes: dict[str, list[Any]] = {}
     for lane, count in _lane_sizes(settings).items():
@@ -59,10 +81,10 @@ def apply_producers(settings: MessagingSettings) -> dict[str, list[Any]]:
                 max_task_retries=3,
                 num_cpus=settings.lanes.actor_num_cpus,
                 max_concurrency=10_000,
-            ).remote(settings, lane, i)
+            ).remote(settings, lane, i, stage_actors)
             for i in range(count)
         ]
-    actors = [a for group in lanes.values() for a in group]
+    actors = [a for group in lanes.values() for a in group] + stage_actors
     expected = settings.fingerprint()
     found = ray.get([a.fingerprint.remote() for a in actors])
     if any(fp != expected for fp in found):
@@ -71,6 +93,30 @@ def apply_producers(settings: MessagingSettings) -> dict[str, list[Any]]:
             "different settings; call ProducerFactory.shutdown("
             f"{settings.connection_name!r}) first, or use another connection_name")
     return lanes
+
+
+def apply_stage_actors(settings: MessagingSettings) -> list[Any]:
+    """Get or create the StageActor pool of a connection (none unless a pipeline stage is
+    placed on actors). Each replica reserves one CPU, so Ray spreads them over the
+    cluster's nodes and cores."""
+    specs = [s for s in settings.pipeline
+             if s.stage != "serialize" and s.placement == "actors"]
+    if not specs:
+        return []
+    remote_cls = ray.remote(StageActor)
+    return [
+        remote_cls.options(
+            name=stage_actor_name(settings.connection_name, i),
+            namespace=NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            max_restarts=-1,
+            # Encoding is a pure function of its input: retrying after a restart is safe.
+            max_task_retries=3,
+            num_cpus=1,
+        ).remote(settings, i)
+        for i in range(specs[0].replicas)
+    ]
 
 
 def actor_names(connection_name: str) -> list[str]:

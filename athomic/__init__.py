@@ -25,7 +25,7 @@ from .errors import (
     ValidationError,
 )
 from .messages import MessageHeaders, MessagePriority, PublishingOutcome
-from .pipeline import decode_message
+from .pipeline import decode_message, decode_record
 from .settings import MessagingSettings
 from .strategies import DirectPublishStrategy
 
@@ -61,4 +61,5 @@ __all__ = [
     "SerializationError",
     "ValidationError",
     "decode_message",
+    "decode_record",
 ]

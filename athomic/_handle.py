@@ -123,7 +123,7 @@ class ProducerHandle:
         self._cond = threading.Condition()
         self._in_flight = {lane: [0] * len(a) for lane, a in self._lanes.items()}
         self._lane_total = dict.fromkeys(self._lanes, 0)
-        self._pipeline = Pipeline.from_settings(self.settings)
+        self._pipeline = Pipeline.from_settings(self.settings, byte_stages=False)
         self._service = (self.settings.lineage.service_name
                          if self.settings.lineage.enabled else None)
         self.publish: RemoteMethod[PublishingOutcome] = RemoteMethod(self._publish)
@@ -278,6 +278,9 @@ class ProducerFactory:
         from athomic.actors.topology import apply_producers
 
         settings = settings if settings is not None else MessagingSettings()
+        # Surface stage problems (a custom stage that does not import, ...) here as
+        # ConfigurationError, not as actors that fail to start.
+        Pipeline.from_settings(settings)
         return ProducerHandle(settings, apply_producers(settings))
 
     @staticmethod

@@ -52,7 +52,13 @@ H_CONTENT_TYPE = "content-type"
 H_CONTENT_ENCODING = "content-encoding"
 H_SCHEMA = "athomic-schema"
 H_ENCRYPTION = "athomic-encryption"
+"""Cipher of the value (``aes-256-gcm``); present only on encrypted messages."""
 H_KEY_ID = "athomic-key-id"
+"""Id of the key in the ring that encrypted the value."""
+H_BOUND_TOPIC = "athomic-bound-topic"
+"""Topic the ciphertext is bound to (part of the associated data)."""
+H_BOUND_KEY = "athomic-bound-key"
+"""Record key the ciphertext is bound to, raw bytes; absent when the record has no key."""
 H_PRIORITY = "athomic-priority"
 H_TRACEPARENT = "traceparent"
 H_TRACESTATE = "tracestate"
@@ -69,6 +75,10 @@ H_HOP = "athomic-hop"
 H_CONTEXT_PREFIX = "athomic-ctx-"
 H_ERROR = "athomic-error"
 H_ERROR_SOURCE = "athomic-error-source"
+
+PIPELINE_HEADERS = (H_CONTENT_ENCODING, H_ENCRYPTION, H_KEY_ID, H_BOUND_TOPIC, H_BOUND_KEY)
+"""Headers only the pipeline writes: a caller's values for them are dropped, so a record
+never describes stages that did not run."""
 
 # Kafka's own limits for topic names.
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]+$")

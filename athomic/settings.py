@@ -7,8 +7,13 @@ Settings are data, read once; library code receives them and never reads the env
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextvars
 import hashlib
+import json
+import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -16,6 +21,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     field_validator,
     model_validator,
@@ -118,12 +124,212 @@ class SerializeStageSpec(_Section):
     """Turns the message object into bytes and records its content type."""
 
     stage: Literal["serialize"] = "serialize"
-    codec: Literal["orjson", "pydantic"] = "orjson"
+    codec: Literal["orjson", "pydantic", "bytes", "str"] = "orjson"
     """orjson: dicts, lists, scalars, pydantic models, dataclasses; bytes and str pass as
-    octet-stream / text. pydantic: only pydantic models (anything else is an error)."""
+    octet-stream / text. pydantic: only pydantic models. bytes: only bytes-like values.
+    str: only str. (The last three refuse anything else with SerializationError.)"""
 
 
-StageSpec = Annotated[SerializeStageSpec, Field(discriminator="stage")]
+class _ByteStageSpec(_Section):
+    """Fields every byte stage has: where it runs."""
+
+    placement: Literal["inline", "actors"] = "inline"
+    """inline: in the ProducerActor. actors: on the connection's StageActor pool (one call
+    per batch, split over the replicas), before the ProducerActor sends."""
+    replicas: int = Field(1, ge=1, le=256)
+    """StageActors in the pool (one CPU each); stages placed on actors share one pool, so
+    they must agree on this number."""
+
+
+MAX_OUTPUT_DEFAULT = 64 * 1024 * 1024
+
+
+class CompressStageSpec(_ByteStageSpec):
+    """zstd compression; skipped below ``min_size`` and when the output is not smaller."""
+
+    stage: Literal["compress"] = "compress"
+    codec: Literal["zstd"] = "zstd"
+    level: int = Field(3, ge=-7, le=22)
+    min_size: int = Field(512, ge=0)
+    """Payloads shorter than this (bytes) are sent uncompressed."""
+    max_output_size: int = Field(MAX_OUTPUT_DEFAULT, ge=1, le=2**31)
+    """Decoding refuses a frame that declares or produces more than this many bytes."""
+    dictionary: Path | None = None
+    """A trained zstd dictionary (file) used to compress; its zstd dictionary id is written
+    in each frame, and decoders pick the dictionary by that id."""
+    decode_dictionaries: list[Path] = Field(default_factory=list)
+    """More dictionaries accepted when decoding (e.g. the previous one after retraining)."""
+    _dictionaries: dict[int, bytes] = PrivateAttr(default_factory=dict)
+    _primary_dict_id: int | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _load_dictionaries(self) -> CompressStageSpec:
+        # Read once here: actors on other nodes get the bytes with the settings, not a path.
+        import zstandard
+
+        paths = ([self.dictionary] if self.dictionary else []) + list(self.decode_dictionaries)
+        for path in paths:
+            try:
+                data = Path(path).read_bytes()
+            except OSError as exc:
+                raise ValueError(f"cannot read zstd dictionary {path}: {exc.strerror}"
+                                 ) from None
+            dict_id = zstandard.ZstdCompressionDict(data).dict_id()
+            if not dict_id:
+                raise ValueError(f"{path} is not a trained zstd dictionary (no dictionary id)")
+            self._dictionaries[dict_id] = data
+            if path == self.dictionary:
+                self._primary_dict_id = dict_id
+        return self
+
+    @property
+    def dictionaries(self) -> dict[int, bytes]:
+        """Dictionary id -> dictionary bytes, loaded from the files at construction."""
+        return dict(self._dictionaries)
+
+    @property
+    def dictionary_id(self) -> int | None:
+        """The zstd dictionary id used to compress, if any."""
+        return self._primary_dict_id
+
+
+_KEY_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+AES_KEY_BYTES = 32
+
+
+def _decode_key(key_id: str, text: str) -> bytes:
+    """A base64 (standard or URL-safe) key -> bytes. Errors name the key id, never the key."""
+    compact = "".join(text.split())
+    try:
+        raw = base64.b64decode(compact + "=" * (-len(compact) % 4),
+                               altchars=b"-_" if ("-" in compact or "_" in compact) else None,
+                               validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"encrypt key {key_id!r} is not valid base64") from None
+    if len(raw) != AES_KEY_BYTES:
+        raise ValueError(f"encrypt key {key_id!r} decodes to {len(raw)} bytes; aes-256-gcm "
+                         f"needs {AES_KEY_BYTES}")
+    return raw
+
+
+def _key_map(source: str, data: Any) -> dict[str, str]:
+    if not isinstance(data, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise ValueError(f"{source} must hold an object of key id -> base64 key")
+    return data
+
+
+class EncryptStageSpec(_ByteStageSpec):
+    """AES-256-GCM with a key ring: ``primary`` encrypts, every listed id decrypts.
+
+    Keys come from ``keys``, from ``keys_file`` (a JSON object ``{"k1": "<base64>"}``) and
+    from the environment variable named by ``keys_env`` (same JSON), merged, all read once
+    when the settings are built. Key values are SecretStr: never in reprs, dumps or errors.
+    """
+
+    stage: Literal["encrypt"] = "encrypt"
+    cipher: Literal["aes-256-gcm"] = "aes-256-gcm"
+    keys: dict[str, SecretStr] = Field(default_factory=dict)
+    keys_file: Path | None = None
+    keys_env: str | None = None
+    primary: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        merged: dict[str, Any] = {}
+        raw_keys = data.get("keys") or {}
+        if not isinstance(raw_keys, dict):
+            raise ValueError("encrypt.keys must be a table of key id -> base64 key")
+        sources: list[tuple[str, dict[str, Any]]] = [("keys", raw_keys)]
+        if data.get("keys_file"):
+            path = Path(data["keys_file"])
+            try:
+                text = path.read_text()
+            except OSError as exc:
+                raise ValueError(f"cannot read keys_file {path}: {exc.strerror}") from None
+            try:
+                parsed = json.loads(text)
+            except ValueError:
+                raise ValueError(f"keys_file {path} is not a JSON object") from None
+            sources.append((f"keys_file {path}", _key_map(f"keys_file {path}", parsed)))
+        if data.get("keys_env"):
+            name = str(data["keys_env"])
+            env_text = os.environ.get(name)  # settings are the one place reading the env
+            if env_text is None:
+                raise ValueError(f"keys_env: environment variable {name} is not set")
+            try:
+                parsed = json.loads(env_text)
+            except ValueError:
+                raise ValueError(f"environment variable {name} is not a JSON object") from None
+            sources.append((f"environment variable {name}", _key_map(name, parsed)))
+        for source, ring in sources:
+            for key_id, value in ring.items():
+                secret = value.get_secret_value() if isinstance(value, SecretStr) else value
+                if key_id in merged and merged[key_id] != secret:
+                    raise ValueError(f"encrypt key {key_id!r} from {source} differs from "
+                                     "the one given elsewhere")
+                merged[key_id] = secret
+        return {**data, "keys": merged}
+
+    @model_validator(mode="after")
+    def _check_ring(self) -> EncryptStageSpec:
+        if not self.keys:
+            raise ValueError("encrypt needs at least one key (keys, keys_file or keys_env)")
+        for key_id, secret in self.keys.items():
+            if not _KEY_ID.match(key_id):
+                raise ValueError(f"encrypt key id {key_id!r}: use 1-64 ASCII letters, "
+                                 "digits, '.', '_' or '-'")
+            _decode_key(key_id, secret.get_secret_value())
+        if self.primary not in self.keys:
+            raise ValueError(f"encrypt.primary {self.primary!r} is not a key id in the ring "
+                             f"(ids: {sorted(self.keys)})")
+        return self
+
+    def key_ring(self) -> dict[str, bytes]:
+        """Key id -> raw 32-byte key. Keep the result out of logs."""
+        return {kid: _decode_key(kid, s.get_secret_value()) for kid, s in self.keys.items()}
+
+
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*[:.][A-Za-z_]\w*$")
+RESERVED_CODINGS = frozenset({"zstd", "aes-256-gcm", "identity"})
+
+
+class CustomStageSpec(_ByteStageSpec):
+    """A stage of your own: ``path`` imports a class (or factory) called with ``options``
+    whose result has ``encode(bytes) -> bytes`` and ``decode(bytes) -> bytes``. Its ``name``
+    is what ``content-encoding`` records; decoders need the same spec to reverse it."""
+
+    stage: Literal["custom"] = "custom"
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
+    path: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value in RESERVED_CODINGS:
+            raise ValueError(f"custom stage name {value!r} is reserved for a built-in stage")
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _import_path(cls, value: str) -> str:
+        if not _IMPORT_PATH.match(value):
+            raise ValueError(f"custom stage path {value!r} must look like 'package.module:Name'")
+        return value
+
+
+StageSpec = Annotated[
+    SerializeStageSpec | CompressStageSpec | EncryptStageSpec | CustomStageSpec,
+    Field(discriminator="stage")]
+ByteStageSpec = CompressStageSpec | EncryptStageSpec | CustomStageSpec
+
+
+def _default_pipeline() -> list[StageSpec]:
+    return [SerializeStageSpec()]
 
 
 class MessagingSettings(BaseSettings):
@@ -148,8 +354,8 @@ class MessagingSettings(BaseSettings):
     NotImplementedError."""
     max_delay_seconds: float | None = Field(None, gt=0)
     """Optional cap; a longer delay raises InvalidDelayError (catches typos)."""
-    pipeline: list[StageSpec] = Field(
-        default_factory=lambda: [SerializeStageSpec()])
+    pipeline: list[StageSpec] = Field(default_factory=_default_pipeline)
+    """Ordered stages; see docs/pipeline.md."""
 
     @field_validator("bootstrap_servers", mode="before")
     @classmethod
@@ -192,6 +398,23 @@ class MessagingSettings(BaseSettings):
         names = [spec.stage for spec in value]
         if names.count("serialize") != 1 or names[0] != "serialize":
             raise ValueError("pipeline must start with exactly one 'serialize' stage")
+        for stage in ("compress", "encrypt"):
+            if names.count(stage) > 1:
+                raise ValueError(f"pipeline has more than one {stage!r} stage")
+        if "compress" in names and "encrypt" in names and (
+                names.index("encrypt") < names.index("compress")):
+            raise ValueError(
+                "pipeline puts 'encrypt' before 'compress': ciphertext does not compress, so "
+                "compress first (serialize -> compress -> encrypt)")
+        custom = [spec.name for spec in value if spec.stage == "custom"]
+        if len(custom) != len(set(custom)):
+            raise ValueError("custom stage names must be unique in the pipeline")
+        replicas = {spec.replicas for spec in value
+                    if spec.stage != "serialize" and spec.placement == "actors"}
+        if len(replicas) > 1:
+            raise ValueError(
+                "stages placed on actors share one StageActor pool: give them the same "
+                f"replicas (got {sorted(replicas)})")
         return value
 
     @classmethod
@@ -224,8 +447,12 @@ class MessagingSettings(BaseSettings):
     def __init__(self, **values: Any) -> None:
         try:
             super().__init__(**values)
+            return
         except PydanticValidationError as exc:
-            raise ConfigurationError(_explain(exc)) from None
+            problem = _explain(exc)
+        # Raised outside the except block: pydantic's error holds the raw input (key
+        # material included), so it must not even ride along as __context__.
+        raise ConfigurationError(problem)
 
     # --- derived -------------------------------------------------------------------------
     @property
@@ -240,6 +467,14 @@ class MessagingSettings(BaseSettings):
         secrets = [
             s.get_secret_value() for s in (self.security.sasl_password,
                                            self.security.ssl_password) if s is not None]
+        for spec in self.pipeline:
+            # Key material and dictionary contents shape the actors too; only digests of
+            # them enter the fingerprint.
+            if spec.stage == "encrypt":
+                secrets.extend(f"{kid}={s.get_secret_value()}" for kid, s in spec.keys.items())
+            elif spec.stage == "compress":
+                secrets.extend(hashlib.sha256(d).hexdigest()
+                               for d in spec.dictionaries.values())
         digest = hashlib.sha256(data.encode())
         for s in secrets:
             digest.update(s.encode())

@@ -15,6 +15,7 @@ from athomic.settings import MessagingSettings
 from .messages import (
     H_MESSAGE_ID,
     H_PRIORITY,
+    PIPELINE_HEADERS,
     MessagePriority,
     PublishingOutcome,
     PublishRequest,
@@ -57,6 +58,8 @@ def final_headers(request: PublishRequest, encoded: Encoded) -> list[tuple[str, 
     headers = request.headers.copy()
     headers.set(H_MESSAGE_ID, request.message_id)
     headers.set(H_PRIORITY, request.priority.value)
+    for name in PIPELINE_HEADERS:
+        headers.remove(name)
     for key, value in encoded.headers:
         headers.set(key, value)
     return headers.to_kafka()

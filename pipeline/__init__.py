@@ -1,46 +1,83 @@
 """The payload pipeline: serialize, then byte stages, each recorded in headers.
 
 ``Pipeline.serialize`` runs where ``publish`` is called and turns the message object into
-bytes; ``Pipeline.encode`` runs the byte stages in the producer and returns the headers that
-say how to read the value back. ``decode`` reverses it from those headers alone, so a
-consumer with a different stage list still decodes.
+bytes; ``Pipeline.encode`` / ``encode_batch`` run the byte stages (compress, encrypt,
+custom) in the producer, or on a StageActor pool for stages placed there, and return the
+headers that say how to read the value back. ``decode`` reverses it from those headers
+alone, so a consumer with a different stage list still decodes, given the keys (and any
+zstd dictionaries or custom codecs) the message needs.
 """
 
 from __future__ import annotations
 
+import functools
+import threading
+import weakref
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from athomic.errors import PipelineError, SerializationError
+from athomic.errors import DecryptionError, PipelineError, SerializationError
 from athomic.messages import (
     H_CONTENT_ENCODING,
     H_CONTENT_TYPE,
+    H_KEY_ID,
     H_MESSAGE_ID,
     H_SCHEMA,
     MessageHeaders,
 )
-from athomic.settings import MessagingSettings
+from athomic.settings import ByteStageSpec, CompressStageSpec, MessagingSettings
 
+from .compress import ZSTD, ZstdStage
+from .custom import ByteCodec, CustomStage, load_codec
+from .encrypt import AES_256_GCM, AesGcmStage, associated_data
 from .serialize import Serializer
 
-__all__ = ["Encoded", "Pipeline", "Stage", "StageContext", "decode_message"]
+__all__ = [
+    "AES_256_GCM",
+    "ZSTD",
+    "ByteCodec",
+    "EncodeItem",
+    "Encoded",
+    "Pipeline",
+    "Stage",
+    "StageContext",
+    "StageRunner",
+    "StageWork",
+    "associated_data",
+    "decode_message",
+    "decode_record",
+]
 
 
 @dataclass(slots=True)
 class StageContext:
-    """What a byte stage may bind to or record: the final topic, key, message id, headers."""
+    """One message as a byte stage sees it.
 
-    topic: str
+    ``topic`` is the final (physical) topic, ``applied`` the codings applied before this
+    stage. Encoding, a stage appends the headers it records to ``recorded``; decoding, it
+    reads the record's headers from ``headers`` (last value per name). On decode ``topic``
+    is None and ``key_known`` False when the caller did not say where the record was read
+    from.
+    """
+
+    topic: str | None
     key: bytes | None
     message_id: str
-    headers: MessageHeaders = field(default_factory=MessageHeaders)
+    content_type: str = ""
+    applied: list[str] = field(default_factory=list)
+    recorded: list[tuple[str, bytes]] = field(default_factory=list)
+    headers: Mapping[str, bytes] = field(default_factory=dict)
+    key_known: bool = True
 
 
 class Stage(Protocol):
     """A symmetric byte stage. ``encode`` may return None to mean "skipped for this
-    message" (nothing recorded); ``decode`` reverses a recorded encode."""
+    message" (nothing recorded); ``decode`` reverses a recorded encode. ``name`` is the
+    coding recorded in ``content-encoding``."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def encode(self, data: bytes, ctx: StageContext) -> bytes | None: ...
 
@@ -55,22 +92,96 @@ class Encoded:
     headers: list[tuple[str, bytes]]
 
 
+@dataclass(slots=True)
+class EncodeItem:
+    """One message for ``encode_batch``: serialised bytes and what the stages bind to."""
+
+    value: bytes | None
+    topic: str
+    key: bytes | None
+    message_id: str
+    content_type: str = ""
+
+
+@dataclass(slots=True)
+class StageWork:
+    """A message between byte stages (what travels to and from a StageActor)."""
+
+    data: bytes
+    ctx: StageContext
+
+    def finish(self) -> Encoded:
+        headers = self.ctx.recorded
+        if self.ctx.applied:
+            headers.append((H_CONTENT_ENCODING, ", ".join(self.ctx.applied).encode()))
+        return Encoded(self.data, headers)
+
+
+class StageRunner(Protocol):
+    """Runs one segment of actor-placed stages over a batch, elsewhere (a StageActor pool).
+
+    Returns, per message in order, the advanced work or the PipelineError it raised."""
+
+    async def run(self, segment: int, batch: list[StageWork]
+                  ) -> list[StageWork | PipelineError]: ...
+
+
+def _indexed(exc: PipelineError, index: int) -> PipelineError:
+    if exc.index is None:
+        exc.index = index
+        exc.args = (f"message #{index}: {exc.args[0]}", *exc.args[1:])
+    return exc
+
+
 class Pipeline:
     """Composes the serializer and the byte stages; decodes in reverse order."""
 
-    def __init__(self, serializer: Serializer, stages: list[Stage] | None = None) -> None:
+    def __init__(self, serializer: Serializer, stages: Sequence[Stage] | None = None, *,
+                 placement: Sequence[str] | None = None,
+                 decoders: Sequence[Stage] = ()) -> None:
         self.serializer = serializer
         self.stages = list(stages or [])
-        self._by_name = {s.name: s for s in self.stages}
+        self.placement = list(placement or ["inline"] * len(self.stages))
+        if len(self.placement) != len(self.stages):
+            raise ValueError("placement must name one place per stage")
+        # Decoders: every coding this process can reverse. zstd is always there (with the
+        # default bound) so a consumer without a compress stage still reads compressed
+        # messages; the configured stages and extra decoders override it.
+        self._decoders: dict[str, Stage] = {ZSTD: ZstdStage()}
+        self._decoders.update({s.name: s for s in decoders})
+        self._decoders.update({s.name: s for s in self.stages})
+        self.segments: list[tuple[str, int, int]] = []
+        """Runs of consecutive stages with the same placement: (placement, start, end)."""
+        for i, place in enumerate(self.placement):
+            if self.segments and self.segments[-1][0] == place:
+                self.segments[-1] = (place, self.segments[-1][1], i + 1)
+            else:
+                self.segments.append((place, i, i + 1))
 
     @classmethod
-    def from_settings(cls, settings: MessagingSettings) -> Pipeline:
+    def from_settings(cls, settings: MessagingSettings, *,
+                      byte_stages: bool = True) -> Pipeline:
+        """The pipeline the settings declare. ``byte_stages=False`` builds only the
+        serializer (what a ProducerHandle needs: no keys parsed, no custom stage imported
+        in every task the handle travels to)."""
         serializer = Serializer()
+        stages: list[Stage] = []
+        placement: list[str] = []
         for spec in settings.pipeline:
             if spec.stage == "serialize":
                 serializer = Serializer(spec.codec)
-        return cls(serializer)
+                continue
+            if not byte_stages:
+                continue
+            stages.append(_build_stage(spec))
+            placement.append(spec.placement)
+        return cls(serializer, stages, placement=placement)
 
+    @property
+    def uses_actors(self) -> bool:
+        return "actors" in self.placement
+
+    # --- caller side -------------------------------------------------------------------
     def serialize(self, message: Any) -> tuple[bytes | None, list[tuple[str, bytes]]]:
         """Message object -> bytes and the headers naming its content type (and schema).
 
@@ -83,43 +194,182 @@ class Pipeline:
             headers.append((H_SCHEMA, schema.encode()))
         return data, headers
 
+    # --- producer side -----------------------------------------------------------------
     def encode(self, value: bytes | None, *, topic: str, key: bytes | None,
-               message_id: str) -> Encoded:
-        """Serialised bytes -> record value, through the byte stages in order; the headers
-        returned record which stages ran."""
+               message_id: str, content_type: str = "") -> Encoded:
+        """Serialised bytes -> record value, through every byte stage here, in order; the
+        headers returned record which stages ran. ``topic`` is the final topic."""
         if value is None or not self.stages:
             return Encoded(value, [])
-        ctx = StageContext(topic, key, message_id, MessageHeaders())
-        applied = []
-        data = value
-        for stage in self.stages:
-            out = stage.encode(data, ctx)
-            if out is not None:
-                data = out
-                applied.append(stage.name)
-        if applied:
-            ctx.headers.set(H_CONTENT_ENCODING, ", ".join(applied))
-        return Encoded(data, ctx.headers.items())
+        work = StageWork(value, StageContext(topic, key, message_id, content_type))
+        self._apply(work, 0, len(self.stages))
+        return work.finish()
 
-    def decode(self, value: bytes | None, headers: MessageHeaders, *, topic: str | None = None,
-               key: bytes | None = None, model: type[Any] | None = None) -> Any:
+    async def encode_batch(self, items: Sequence[EncodeItem],
+                           runner: StageRunner | None = None) -> list[Encoded]:
+        """Encode many messages. Stages placed on actors run through ``runner`` (one call
+        per segment for the whole batch); without a runner every stage runs here.
+
+        Raises the first message's PipelineError (with its batch index when there are
+        several); then nothing of the batch is usable."""
+        results: list[Encoded | None] = [None] * len(items)
+        works: list[tuple[int, StageWork]] = []
+        for i, item in enumerate(items):
+            if item.value is None or not self.stages:
+                results[i] = Encoded(item.value, [])
+            else:
+                works.append((i, StageWork(item.value, StageContext(
+                    item.topic, item.key, item.message_id, item.content_type))))
+        many = len(items) > 1
+        for segment, (place, lo, hi) in enumerate(self.segments):
+            if not works:
+                break
+            if place == "actors" and runner is not None:
+                outs = await runner.run(segment, [w for _, w in works])
+                advanced: list[tuple[int, StageWork]] = []
+                for (i, _), out in zip(works, outs, strict=True):
+                    if isinstance(out, PipelineError):
+                        raise (_indexed(out, i) if many else out)
+                    advanced.append((i, out))
+                works = advanced
+            else:
+                for i, work in works:
+                    try:
+                        self._apply(work, lo, hi)
+                    except PipelineError as exc:
+                        if many:
+                            _indexed(exc, i)
+                        raise
+        for i, work in works:
+            results[i] = work.finish()
+        return results  # type: ignore[return-value]
+
+    def run_segment(self, segment: int, batch: list[StageWork]
+                    ) -> list[StageWork | PipelineError]:
+        """Run one segment's stages over a batch, returning errors instead of raising
+        (what a StageActor does with a call)."""
+        _, lo, hi = self.segments[segment]
+        out: list[StageWork | PipelineError] = []
+        for work in batch:
+            try:
+                self._apply(work, lo, hi)
+                out.append(work)
+            except PipelineError as exc:
+                out.append(exc)
+        return out
+
+    def _apply(self, work: StageWork, lo: int, hi: int) -> None:
+        ctx = work.ctx
+        for stage in self.stages[lo:hi]:
+            try:
+                out = stage.encode(work.data, ctx)
+            except PipelineError:
+                raise
+            except Exception as exc:  # a stage's own bug must still name stage and message
+                raise PipelineError(f"{type(exc).__name__}: {exc}", stage=stage.name,
+                                    message_id=ctx.message_id or None) from exc
+            if out is not None:
+                work.data = out
+                ctx.applied.append(stage.name)
+
+    # --- consumer side -----------------------------------------------------------------
+    def decode(self, value: bytes | None, headers: MessageHeaders | Mapping[str, bytes], *,
+               topic: str | None = None, key: bytes | None = None, key_known: bool = False,
+               model: type[Any] | None = None) -> Any:
+        """Record value -> the published object, reversing the codings the headers list.
+
+        ``headers``: MessageHeaders, or a mapping of name -> last value. With ``topic``
+        (and ``key_known``) the ciphertext must be bound to that topic (and ``key``);
+        otherwise the topic and key recorded in the headers are used."""
         if value is None:
             return None
-        codings = [c.strip() for c in (headers.get_str(H_CONTENT_ENCODING) or "").split(",")
-                   if c.strip()]
-        ctx = StageContext(topic or "", key, headers.get_str(H_MESSAGE_ID) or "", headers)
+        hmap = dict(headers.items()) if isinstance(headers, MessageHeaders) else headers
+        encoding = hmap.get(H_CONTENT_ENCODING)
+        codings = _parse_codings(encoding) if encoding else ()
+        message_id = hmap.get(H_MESSAGE_ID, b"").decode("utf-8", "replace")
+        content_type = hmap.get(H_CONTENT_TYPE, b"").decode("utf-8", "replace")
+        ctx = StageContext(topic, key, message_id, content_type, [], [], hmap, key_known)
         data = value
-        for name in reversed(codings):
-            stage = self._by_name.get(name)
+        for i in range(len(codings) - 1, -1, -1):
+            name = codings[i]
+            stage = self._decoders.get(name)
             if stage is None:
+                if name == AES_256_GCM:
+                    raise DecryptionError(
+                        f"message is encrypted (key id {hmap.get(H_KEY_ID)!r}) but these "
+                        "settings have no encrypt stage with keys", stage="encrypt",
+                        message_id=message_id or None)
                 raise PipelineError(f"unknown content encoding {name!r}", stage=name,
-                                    message_id=ctx.message_id or None)
-            data = stage.decode(data, ctx)
+                                    message_id=message_id or None)
+            ctx.applied = list(codings[:i])
+            try:
+                data = stage.decode(data, ctx)
+            except PipelineError:
+                raise
+            except Exception as exc:
+                raise PipelineError(f"{type(exc).__name__}: {exc}", stage=name,
+                                    message_id=message_id or None) from exc
         try:
-            return self.serializer.loads(data, headers.get_str(H_CONTENT_TYPE), model)
+            return self.serializer.loads(data, content_type or None, model)
         except SerializationError as exc:
-            exc.message_id = ctx.message_id or None
+            exc.message_id = message_id or None
             raise
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_codings(header: bytes) -> tuple[str, ...]:
+    return tuple(c.strip() for c in header.decode("utf-8", "replace").split(",") if c.strip())
+
+
+def _build_stage(spec: ByteStageSpec) -> Stage:
+    if spec.stage == "compress":
+        return _zstd(spec)
+    if spec.stage == "encrypt":
+        return AesGcmStage(spec.key_ring(), spec.primary)
+    codec: ByteCodec = load_codec(spec.path, dict(spec.options))
+    return CustomStage(spec.name, codec)
+
+
+def _zstd(spec: CompressStageSpec) -> ZstdStage:
+    return ZstdStage(level=spec.level, min_size=spec.min_size,
+                     max_output_size=spec.max_output_size, dictionaries=spec.dictionaries,
+                     dictionary_id=spec.dictionary_id)
+
+
+# Consumers call decode_message per record: build each settings object's pipeline once
+# (keys parsed, zstd contexts made), not per message.
+_cache_lock = threading.Lock()
+_cache: dict[int, tuple[weakref.ref[MessagingSettings], Pipeline]] = {}
+
+
+def pipeline_for(settings: MessagingSettings) -> Pipeline:
+    """The (cached) Pipeline of a settings object."""
+    with _cache_lock:
+        hit = _cache.get(id(settings))
+        if hit is not None and hit[0]() is settings:
+            return hit[1]
+    built = Pipeline.from_settings(settings)
+    with _cache_lock:
+        if len(_cache) > 64:
+            _cache.clear()
+        _cache[id(settings)] = (weakref.ref(settings), built)
+    return built
+
+
+def _header_map(headers: Any) -> dict[str, bytes]:
+    """Record headers (MessageHeaders, aiokafka's pairs, a list or a mapping) -> name ->
+    last value, as Kafka consumers read repeated headers."""
+    if isinstance(headers, MessageHeaders):
+        return dict(headers.items())
+    out = dict(headers.items() if isinstance(headers, Mapping) else headers or ())
+    for name, value in out.items():
+        if type(value) is not bytes:  # rare: str values, None from Kafka, bytearray
+            out[name] = value.encode() if isinstance(value, str) else bytes(value or b"")
+    return out
+
+
+def _as_bytes(key: bytes | str | None) -> bytes | None:
+    return key.encode("utf-8") if isinstance(key, str) else key
 
 
 def decode_message(value: bytes | None, headers: Any, settings: MessagingSettings, *,
@@ -129,10 +379,26 @@ def decode_message(value: bytes | None, headers: Any, settings: MessagingSetting
 
     ``headers`` is the record's headers (aiokafka's tuple of pairs, a list, or
     MessageHeaders). ``model`` turns a JSON payload into that pydantic model or class.
+
+    Encrypted messages: without ``topic``/``key`` the ciphertext is checked against the
+    topic and key recorded in its (authenticated) headers, so tampering is caught but a
+    record copied whole to another topic still decodes. Pass ``topic`` (and ``key``), or
+    use ``decode_record``, to also refuse a record read from another topic or key than it
+    was published to. ``key=None`` here means "do not check the key"; ``decode_record``
+    checks a null key too.
     """
-    hdrs = headers if isinstance(headers, MessageHeaders) else MessageHeaders.from_kafka(
-        headers)
-    if isinstance(key, str):
-        key = key.encode()
-    return Pipeline.from_settings(settings).decode(value, hdrs, topic=topic, key=key,
-                                                   model=model)
+    return pipeline_for(settings).decode(value, _header_map(headers), topic=topic,
+                                         key=_as_bytes(key), key_known=key is not None,
+                                         model=model)
+
+
+def decode_record(record: Any, settings: MessagingSettings, *,
+                  model: type[Any] | None = None) -> Any:
+    """Decode a consumed record (anything with ``topic``, ``key``, ``value``, ``headers``,
+    e.g. an aiokafka ConsumerRecord), binding decryption to the record's own topic and key:
+    a record moved to another topic or key raises DecryptionError."""
+    return pipeline_for(settings).decode(record.value, _header_map(record.headers),
+                                         topic=record.topic,
+                                         key=_as_bytes(record.key), key_known=True,
+                                         model=model)
+

@@ -35,7 +35,7 @@ class Serializer:
     """orjson for JSON-able objects and pydantic models, bytes passthrough, str as UTF-8.
 
     With ``codec="pydantic"`` only pydantic models are accepted (a guard for pipelines whose
-    every message must match a schema).
+    every message must match a schema); ``"bytes"`` and ``"str"`` accept only that type.
     """
 
     def __init__(self, codec: str = "orjson") -> None:
@@ -43,6 +43,11 @@ class Serializer:
 
     def dumps(self, obj: Any) -> tuple[bytes, str, str | None]:
         """Return ``(data, content_type, schema)``; schema names the pydantic model, if any."""
+        if self.codec == "bytes" and not isinstance(obj, (bytes, bytearray, memoryview)):
+            raise SerializationError(
+                f"the bytes codec accepts only bytes, got {type(obj).__name__}")
+        if self.codec == "str" and not isinstance(obj, str):
+            raise SerializationError(f"the str codec accepts only str, got {type(obj).__name__}")
         if isinstance(obj, BaseModel):
             try:
                 return obj.model_dump_json().encode(), JSON, schema_name(type(obj))
