@@ -21,6 +21,7 @@ from aiokafka.errors import (
     UnknownTopicOrPartitionError,
 )
 
+from athomic.envelope import envelope_keys
 from athomic.errors import (
     AthomicError,
     MessagingConnectionError,
@@ -31,7 +32,12 @@ from athomic.errors import (
 from athomic.messages import H_CONTENT_TYPE, PublishingOutcome, PublishRequest
 from athomic.pipeline import EncodeItem, Pipeline
 from athomic.settings import MessagingSettings
-from athomic.strategies import DirectPublishStrategy, OutgoingRecord, PublishingStrategy
+from athomic.strategies import (
+    DelayedPublishStrategy,
+    DirectPublishStrategy,
+    OutgoingRecord,
+    PublishingStrategy,
+)
 
 from .stage import StagePool
 
@@ -75,6 +81,8 @@ class ProducerActor:
         # a unit test) every stage runs inline.
         self.stage_pool = StagePool(stage_actors) if stage_actors else None
         self.direct = DirectPublishStrategy(settings)
+        self.delayed = (DelayedPublishStrategy(settings, envelope_keys(settings.pipeline))
+                        if settings.delay_topics else None)
         self._producer: AIOKafkaProducer | None = None
         self._start_lock: asyncio.Lock | None = None
         self._closed = False
@@ -131,7 +139,14 @@ class ProducerActor:
                 await producer.stop()
 
     # --- publishing --------------------------------------------------------------------
-    def strategy_for(self, request: PublishRequest) -> PublishingStrategy:
+    def strategy_for(self, request: PublishRequest, now: float) -> PublishingStrategy:
+        """Delayed while the due time is ahead; a due time already past (say, after a
+        retried call) publishes directly."""
+        if request.deliver_at is not None and request.deliver_at > now:
+            if self.delayed is None:
+                raise NotImplementedError(
+                    "delayed publishing is not configured: set delay_topics")
+            return self.delayed
         return self.direct
 
     async def prepare(self, requests: Sequence[PublishRequest]
@@ -145,9 +160,10 @@ class ProducerActor:
                             r.headers.get_str(H_CONTENT_TYPE) or "") for r in requests]
         encoded = await self.pipeline.encode_batch(items, self.stage_pool)
         prepared = []
+        now = time.time()
         for i, (request, enc) in enumerate(zip(requests, encoded, strict=True)):
             index = i if len(requests) > 1 else None
-            strategy = self.strategy_for(request)
+            strategy = self.strategy_for(request, now)
             try:
                 record = strategy.build(request, enc)
             except AthomicError as exc:

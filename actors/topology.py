@@ -15,6 +15,7 @@ import ray
 from athomic.errors import ConfigurationError
 from athomic.settings import MessagingSettings
 
+from .delay_bucket import DelayBucketActor
 from .producer import ProducerActor
 from .stage import StageActor
 
@@ -77,22 +78,59 @@ def apply_producers(settings: MessagingSettings) -> dict[str, list[Any]]:
                 lifetime="detached",
                 get_if_exists=True,
                 max_restarts=-1,
-                # A retried call carries the same message id: at-least-once, deduplicable.
-                max_task_retries=3,
+                # A call caught by an actor or node failure is retried on the restarted
+                # actor, with the same message id: at-least-once, deduplicable.
+                max_task_retries=-1,
                 num_cpus=settings.lanes.actor_num_cpus,
                 max_concurrency=10_000,
             ).remote(settings, lane, i, stage_actors)
             for i in range(count)
         ]
-    actors = [a for group in lanes.values() for a in group] + stage_actors
+    _check_fingerprints(settings, [a for group in lanes.values() for a in group]
+                        + stage_actors)
+    return lanes
+
+
+def _check_fingerprints(settings: MessagingSettings, actors: list[Any]) -> None:
     expected = settings.fingerprint()
     found = ray.get([a.fingerprint.remote() for a in actors])
     if any(fp != expected for fp in found):
         raise ConfigurationError(
-            f"producer actors for connection {settings.connection_name!r} already run with "
+            f"actors for connection {settings.connection_name!r} already run with "
             "different settings; call ProducerFactory.shutdown("
             f"{settings.connection_name!r}) first, or use another connection_name")
-    return lanes
+
+
+def delay_actor_name(connection_name: str, topic: str, replica: int) -> str:
+    return f"{connection_name}.delay.{topic}.{replica}"
+
+
+def apply_republisher(settings: MessagingSettings, *, timeout_s: float = 120.0
+                      ) -> list[Any]:
+    """Get or create the DelayBucketActors of a connection: ``republisher.replicas`` per
+    delay topic, spread over the nodes, restarted by Ray without limit. Returns once each
+    runs (its topics created or checked)."""
+    ensure_ray()
+    remote_cls = ray.remote(DelayBucketActor)
+    replicas = settings.republisher.replicas
+    actors: list[Any] = [
+        remote_cls.options(
+            name=delay_actor_name(settings.connection_name, topic, i),
+            namespace=NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            max_restarts=-1,
+            # ready/stats/stop are idempotent: safe to retry on a restarted actor.
+            max_task_retries=-1,
+            num_cpus=settings.republisher.actor_num_cpus,
+            scheduling_strategy="SPREAD",
+        ).remote(settings, topic, i, replicas)
+        for topic in settings.delay_topics.values()
+        for i in range(replicas)
+    ]
+    _check_fingerprints(settings, actors)
+    ray.get([a.ready.remote(timeout_s) for a in actors])
+    return actors
 
 
 def apply_stage_actors(settings: MessagingSettings) -> list[Any]:

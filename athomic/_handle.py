@@ -274,13 +274,20 @@ class ProducerFactory:
     @staticmethod
     def create(settings: MessagingSettings | None = None) -> ProducerHandle:
         """A handle to the producer actors of ``settings.connection_name``, starting them if
-        none run yet. Any process in the cluster gets the same actors for the same name."""
-        from athomic.actors.topology import apply_producers
+        none run yet. Any process in the cluster gets the same actors for the same name.
+
+        With delay topics configured (and ``republisher.enabled``), the DelayBucketActors
+        are started too, and this returns once they run: delay topics created, or checked
+        (ConfigurationError for one whose retention could lose messages).
+        """
+        from athomic.actors.topology import apply_producers, apply_republisher
 
         settings = settings if settings is not None else MessagingSettings()
         # Surface stage problems (a custom stage that does not import, ...) here as
         # ConfigurationError, not as actors that fail to start.
         Pipeline.from_settings(settings)
+        if settings.delay_topics and settings.republisher.enabled:
+            apply_republisher(settings)
         return ProducerHandle(settings, apply_producers(settings))
 
     @staticmethod

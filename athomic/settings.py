@@ -332,6 +332,51 @@ def _default_pipeline() -> list[StageSpec]:
     return [SerializeStageSpec()]
 
 
+class RepublisherSettings(_Section):
+    """The republisher: DelayBucketActors that deliver delayed messages when due."""
+
+    enabled: bool = True
+    """Start the DelayBucketActors from ProducerFactory.create when delay topics are set
+    (False: run them elsewhere, e.g. ``athomic republisher run``)."""
+    replicas: int = Field(1, ge=1, le=64)
+    """DelayBucketActors per delay topic; they split its partitions and are spread over
+    the cluster's nodes."""
+    partitions: int = Field(3, ge=1)
+    """Partitions of a delay topic created by athomic."""
+    replication_factor: int | None = Field(None, ge=1)
+    """Replication of created topics (None: the brokers' default)."""
+    retention_margin_s: float = Field(86_400.0, ge=0)
+    """A delay topic must keep records at least bucket + this long; a shorter retention
+    is refused at start. Created topics keep them max(7 days, 2 x (bucket + margin))."""
+    near_window_s: float = Field(1.0, gt=0, le=60)
+    """Messages due within this window are read ahead and held in memory, so they go out
+    at their due time; further ones wait in Kafka (their partition paused)."""
+    max_held: int = Field(100_000, ge=100)
+    """Messages a DelayBucketActor holds in memory at most; it pauses reading beyond."""
+    max_batch: int = Field(5_000, ge=1)
+    """Messages republished per Kafka transaction at most."""
+    dead_letter_topic: str = "athomic.delay.dlq"
+    """Where envelopes that cannot be decoded, and messages that cannot be delivered for a
+    non-retriable reason, go (with the error in a header)."""
+    group_id: str | None = None
+    """Consumer group storing the delay topics' progress (default
+    ``athomic.republisher.<connection_name>``)."""
+    max_attempts: int = Field(5, ge=1)
+    """Attempts at a final publish failing for a non-retriable reason before the message
+    goes to the dead-letter topic; retriable failures are retried without limit."""
+    retry_backoff_max_s: float = Field(5.0, gt=0)
+    transaction_timeout_ms: int = Field(60_000, ge=1000)
+    actor_num_cpus: float = Field(0.0, ge=0)
+
+    @field_validator("dead_letter_topic")
+    @classmethod
+    def _dlq_topic(cls, value: str) -> str:
+        try:
+            return validate_topic(value)
+        except InvalidTopicError as exc:
+            raise ValueError(str(exc)) from None
+
+
 class MessagingSettings(BaseSettings):
     """Everything athomic needs for one Kafka connection."""
 
@@ -352,6 +397,7 @@ class MessagingSettings(BaseSettings):
     delay_topics: dict[float, str] = Field(default_factory=dict)
     """Delay buckets: seconds -> delay topic. Empty: a delayed publish raises
     NotImplementedError."""
+    republisher: RepublisherSettings = RepublisherSettings()
     max_delay_seconds: float | None = Field(None, gt=0)
     """Optional cap; a longer delay raises InvalidDelayError (catches typos)."""
     pipeline: list[StageSpec] = Field(default_factory=_default_pipeline)
@@ -455,6 +501,10 @@ class MessagingSettings(BaseSettings):
         raise ConfigurationError(problem)
 
     # --- derived -------------------------------------------------------------------------
+    @property
+    def republisher_group(self) -> str:
+        return self.republisher.group_id or f"athomic.republisher.{self.connection_name}"
+
     @property
     def servers(self) -> list[str]:
         return self.bootstrap_servers.split(",")

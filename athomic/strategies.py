@@ -6,13 +6,18 @@ I/O and the strategies are unit-tested without a broker.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
 from athomic.pipeline import Encoded
+from athomic.republisher.schedule import first_hop
 from athomic.settings import MessagingSettings
 
+from . import envelope
 from .messages import (
+    H_DELIVER_AT,
+    H_HOP,
     H_MESSAGE_ID,
     H_PRIORITY,
     PIPELINE_HEADERS,
@@ -79,3 +84,48 @@ class DirectPublishStrategy:
     def build(self, request: PublishRequest, encoded: Encoded) -> OutgoingRecord:
         return OutgoingRecord(self.topic_for(request), request.key, encoded.value,
                               final_headers(request, encoded))
+
+
+def ms_ceil(seconds: float) -> int:
+    return math.ceil(seconds * 1000)
+
+
+class DelayedPublishStrategy:
+    """Publishes a message to a delay topic, wrapped in an envelope (``SUCCESS_DELAYED``).
+
+    The bucket is the largest not longer than the delay (the smallest when the delay is
+    shorter than every bucket); the republisher moves the message on from there and
+    delivers it to its final topic at its due time, never before. The envelope holds the
+    final record exactly as a direct publish would have sent it.
+    """
+
+    outcome = PublishingOutcome.SUCCESS_DELAYED
+
+    def __init__(self, settings: MessagingSettings,
+                 keys: envelope.EnvelopeKeys | None = None) -> None:
+        self._direct = DirectPublishStrategy(settings)
+        self._topics = dict(settings.delay_topics)
+        self._buckets = sorted(self._topics)
+        self._keys = keys
+
+    def build(self, request: PublishRequest, encoded: Encoded) -> OutgoingRecord:
+        assert request.deliver_at is not None
+        deliver_at_ms = ms_ceil(request.deliver_at)  # rounding up: never early
+        published_ms = int(request.published_at * 1000)
+        bucket, hold_until_ms = first_hop(self._buckets, published_ms, deliver_at_ms)
+        env = envelope.Envelope(
+            topic=self._direct.topic_for(request), key=request.key, value=encoded.value,
+            headers=tuple(final_headers(request, encoded)), deliver_at_ms=deliver_at_ms,
+            hold_until_ms=hold_until_ms, published_ms=published_ms, hop=1,
+            priority=request.priority, message_id=request.message_id)
+        return OutgoingRecord(self._topics[bucket], request.key,
+                              envelope.encode(env, self._keys), delay_headers(env))
+
+
+def delay_headers(env: envelope.Envelope) -> list[tuple[str, bytes]]:
+    """Headers of a record waiting in a delay topic, for operators (kcat, lag tools); the
+    republisher reads only the envelope."""
+    return [(H_MESSAGE_ID, env.message_id.encode()),
+            (H_DELIVER_AT, str(env.deliver_at_ms).encode()),
+            (H_HOP, str(env.hop).encode()),
+            (H_PRIORITY, env.priority.value.encode())]
