@@ -29,7 +29,7 @@ from athomic.errors import (
     PublishError,
     RecordTooLargeError,
 )
-from athomic.messages import H_CONTENT_TYPE, PublishingOutcome, PublishRequest
+from athomic.messages import PublishingOutcome, PublishRequest
 from athomic.pipeline import EncodeItem, Pipeline
 from athomic.settings import MessagingSettings
 from athomic.strategies import (
@@ -157,7 +157,7 @@ class ProducerActor:
         replica when stages are placed on actors), bound to each message's final topic."""
         limit = self.settings.producer.max_request_size
         items = [EncodeItem(r.value, self.direct.topic_for(r), r.key, r.message_id,
-                            r.headers.get_str(H_CONTENT_TYPE) or "") for r in requests]
+                            r.content_type or "") for r in requests]
         encoded = await self.pipeline.encode_batch(items, self.stage_pool)
         prepared = []
         now = time.time()

@@ -25,6 +25,7 @@ from .messages import (
     PublishRequest,
     as_headers,
     new_message_id,
+    new_message_ids,
     validate_topic,
 )
 from .pipeline import Pipeline
@@ -123,7 +124,8 @@ class ProducerHandle:
         self._cond = threading.Condition()
         self._in_flight = {lane: [0] * len(a) for lane, a in self._lanes.items()}
         self._lane_total = dict.fromkeys(self._lanes, 0)
-        self._pipeline = Pipeline.from_settings(self.settings, byte_stages=False)
+        self._serializer = Pipeline.from_settings(self.settings, byte_stages=False).serializer
+        self._valid_topics: set[str] = set()
         self._service = (self.settings.lineage.service_name
                          if self.settings.lineage.enabled else None)
         self.publish: RemoteMethod[PublishingOutcome] = RemoteMethod(self._publish)
@@ -142,15 +144,26 @@ class ProducerHandle:
         return self.settings.connection_name
 
     # --- building requests -------------------------------------------------------------
+    def _captured(self) -> tuple[list[tuple[str, bytes]], int]:
+        """The caller's context as header pairs, and their size in bytes. Taken once per
+        ``publish`` or per ``publish_batch`` call: a batch shares one list."""
+        pairs = capture(self._service, self.settings.lineage.enabled).items()
+        return pairs, sum(len(k) + len(v) for k, v in pairs)
+
     def _request(self, message: Any = None, topic: Any = None, key: Any = None,
                  headers: Any = None, delay_seconds: Any = None,
-                 priority: Any = MessagePriority.NORMAL, deliver_at: Any = None
+                 priority: Any = MessagePriority.NORMAL, deliver_at: Any = None, *,
+                 captured: tuple[list[tuple[str, bytes]], int] | None = None,
+                 now: float | None = None, message_id: str | None = None
                  ) -> PublishRequest:
         if topic is None:
             raise ValidationError("topic is required", value=None)
-        validate_topic(topic)
+        if topic not in self._valid_topics:
+            validate_topic(topic)
+            if len(self._valid_topics) < 10_000:
+                self._valid_topics.add(topic)
         prio = MessagePriority.parse(priority)
-        now = time.time()
+        now = time.time() if now is None else now
         due = _to_deliver_at(delay_seconds, deliver_at, now)
         if due is not None:
             if not self.settings.delay_topics:
@@ -162,19 +175,26 @@ class ProducerHandle:
                 raise InvalidDelayError(
                     f"delay of {due - now:.0f}s exceeds max_delay_seconds={cap}",
                     value=due - now)
-        caller = as_headers(headers)
+        context, context_size = captured if captured is not None else self._captured()
+        merged, size = context, context_size
+        if headers:
+            caller = as_headers(headers)
+            own = {k for k, _ in caller.items()}
+            # what the caller passed wins over what was captured
+            merged = [h for h in context if h[0] not in own] + caller.items()
+            size = sum(len(k) + len(v) for k, v in merged)
         limits = self.settings.producer
-        if len(caller) > limits.max_headers or caller.size() > limits.max_header_bytes:
+        if len(merged) > limits.max_headers or size > limits.max_header_bytes:
             raise InvalidHeaderError(
-                f"headers exceed the limit of {limits.max_headers} entries / "
-                f"{limits.max_header_bytes} bytes", value=len(caller))
-        value, content = self._pipeline.serialize(message)
-        captured = capture(self._service, self.settings.lineage.enabled)
-        captured.update(caller)  # what the caller passed wins over what was captured
-        captured.update(content)  # ... but the content type is the serializer's
-        return PublishRequest(
-            topic=topic, value=value, key=_to_key(key), headers=captured,
-            priority=prio, deliver_at=due, message_id=new_message_id(), published_at=now)
+                f"headers ({len(merged)} entries, {size} bytes, captured context included) "
+                f"exceed the limit of {limits.max_headers} entries / "
+                f"{limits.max_header_bytes} bytes", value=len(merged))
+        if message is None:  # a tombstone stays a null value, as Kafka compaction expects
+            value, content_type, schema = None, None, None
+        else:
+            value, content_type, schema = self._serializer.dumps(message)
+        return PublishRequest(topic, value, _to_key(key), merged, content_type, schema,
+                              prio, due, message_id or new_message_id(), now)
 
     # --- routing -----------------------------------------------------------------------
     def _lane(self, priority: MessagePriority) -> str:
@@ -231,7 +251,11 @@ class ProducerHandle:
         if unknown:
             raise ValidationError(f"unknown publish arguments: {sorted(unknown)}")
         requests: list[PublishRequest] = []
-        for i, item in enumerate(messages):
+        captured = self._captured()
+        now = time.time()
+        items = list(messages)
+        ids = new_message_ids(len(items))
+        for i, item in enumerate(items):
             if not isinstance(item, Mapping):
                 raise ValidationError(
                     f"batch items must be mappings of publish arguments, got "
@@ -240,7 +264,8 @@ class ProducerHandle:
             if bad:
                 raise ValidationError(f"unknown publish arguments: {sorted(bad)}", index=i)
             try:
-                requests.append(self._request(**{**defaults, **item}))
+                requests.append(self._request(**{**defaults, **item}, captured=captured,
+                                              now=now, message_id=ids[i]))
             except (ValidationError, SerializationError) as exc:
                 if exc.index is None:
                     exc.index = i

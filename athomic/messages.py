@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 from .errors import InvalidHeaderError, InvalidTopicError
 
@@ -255,22 +255,32 @@ _uuid_seq = 0
 def new_message_id() -> str:
     """A UUIDv7 string: 48-bit Unix milliseconds, then a 12-bit counter seeded at random each
     millisecond (monotonic within a process), then 62 random bits."""
+    return new_message_ids(1)[0]
+
+
+def new_message_ids(count: int) -> list[str]:
+    """``count`` UUIDv7 strings in increasing order (one lock and one urandom call)."""
     global _uuid_last_ms, _uuid_seq
+    stamps = []
     with _uuid_lock:
         ms = time.time_ns() // 1_000_000
-        if ms > _uuid_last_ms:
-            _uuid_last_ms = ms
-            _uuid_seq = int.from_bytes(os.urandom(2), "big") & 0x7FF
-        else:
-            _uuid_seq += 1
-            if _uuid_seq > 0xFFF:  # counter exhausted: borrow the next millisecond
-                _uuid_last_ms += 1
-                _uuid_seq = 0
-            ms = _uuid_last_ms
-        seq = _uuid_seq
-    rand = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
-    value = (ms << 80) | (0x7 << 76) | (seq << 64) | (0b10 << 62) | rand
-    return str(uuid.UUID(int=value))
+        for _ in range(count):
+            if ms > _uuid_last_ms:
+                _uuid_last_ms = ms
+                _uuid_seq = int.from_bytes(os.urandom(2), "big") & 0x7FF
+            else:
+                _uuid_seq += 1
+                if _uuid_seq > 0xFFF:  # counter exhausted: borrow the next millisecond
+                    _uuid_last_ms += 1
+                    _uuid_seq = 0
+            stamps.append((_uuid_last_ms << 16) | 0x7000 | _uuid_seq)
+    rand = bytearray(os.urandom(8 * count))
+    rand[::8] = bytes((b & 0x3F) | 0x80 for b in rand[::8])  # the RFC 9562 variant bits
+    out = []
+    for i, stamp in enumerate(stamps):
+        h = (stamp.to_bytes(8, "big") + rand[8 * i:8 * i + 8]).hex()
+        out.append(f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}")
+    return out
 
 
 def message_id_time(message_id: str) -> float:
@@ -279,37 +289,23 @@ def message_id_time(message_id: str) -> float:
 
 
 # --- a publish request, as the handle hands it to a ProducerActor -------------------------
-class PublishRequest:
+class PublishRequest(NamedTuple):
     """One validated message on its way from a handle to a ProducerActor.
 
     Built on the caller's side: the payload is serialised there (so the actors never need
     the caller's classes), and the message id, publish time, due time and captured context
-    are fixed there, so a retried actor call resends the same message.
+    are fixed there, so a retried actor call resends the same message. A plain tuple, cheap
+    to pickle by the thousand; ``headers`` may be one list shared by a whole batch.
     """
 
-    __slots__ = ("deliver_at", "headers", "key", "message_id", "priority", "published_at",
-                 "topic", "value")
-
-    def __init__(self, *, topic: str, value: bytes | None, key: bytes | None,
-                 headers: MessageHeaders, priority: MessagePriority,
-                 deliver_at: float | None, message_id: str, published_at: float) -> None:
-        self.topic = topic
-        self.value = value
-        self.key = key
-        self.headers = headers
-        self.priority = priority
-        self.deliver_at = deliver_at
-        self.message_id = message_id
-        self.published_at = published_at
-
-    def __getstate__(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, s) for s in self.__slots__)
-
-    def __setstate__(self, state: tuple[Any, ...]) -> None:
-        for name, value in zip(self.__slots__, state, strict=False):
-            setattr(self, name, value)
-
-    def __repr__(self) -> str:
-        return (f"PublishRequest(topic={self.topic!r}, key={self.key!r}, "
-                f"priority={self.priority.value}, deliver_at={self.deliver_at}, "
-                f"message_id={self.message_id})")
+    topic: str
+    value: bytes | None
+    key: bytes | None
+    headers: list[tuple[str, bytes]]
+    """Captured context and the caller's headers (the caller's win)."""
+    content_type: str | None
+    schema: str | None
+    priority: MessagePriority
+    deliver_at: float | None
+    message_id: str
+    published_at: float

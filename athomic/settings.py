@@ -75,7 +75,8 @@ class ProducerSettings(_Section):
 
     acks: Literal["all", 0, 1] = "all"
     enable_idempotence: bool = True
-    linger_ms: int = Field(5, ge=0, le=60_000)
+    linger_ms: int = Field(0, ge=0, le=60_000)
+    """0: send at once; batches still form while a request is in flight."""
     max_batch_size: int = Field(256 * 1024, ge=1024)
     """Bytes per partition batch."""
     max_request_size: int = Field(1024 * 1024, ge=1024)

@@ -16,10 +16,12 @@ from athomic.settings import MessagingSettings
 
 from . import envelope
 from .messages import (
+    H_CONTENT_TYPE,
     H_DELIVER_AT,
     H_HOP,
     H_MESSAGE_ID,
     H_PRIORITY,
+    H_SCHEMA,
     PIPELINE_HEADERS,
     MessagePriority,
     PublishingOutcome,
@@ -58,16 +60,22 @@ def physical_topic(topic: str, priority: MessagePriority, priority_topics: bool)
     return topic
 
 
+_OWNED = frozenset({H_MESSAGE_ID, H_PRIORITY, H_CONTENT_TYPE, H_SCHEMA, *PIPELINE_HEADERS})
+
+
 def final_headers(request: PublishRequest, encoded: Encoded) -> list[tuple[str, bytes]]:
-    """The caller's headers, then what athomic owns (id, priority, pipeline description)."""
-    headers = request.headers.copy()
-    headers.set(H_MESSAGE_ID, request.message_id)
-    headers.set(H_PRIORITY, request.priority.value)
-    for name in PIPELINE_HEADERS:
-        headers.remove(name)
-    for key, value in encoded.headers:
-        headers.set(key, value)
-    return headers.to_kafka()
+    """The caller's (and captured) headers, then what athomic owns: message id, priority,
+    content type and schema, and the pipeline's description of the value. A caller's value
+    for an owned header is dropped, so a record never misdescribes itself."""
+    headers = [h for h in request.headers if h[0] not in _OWNED]
+    headers.append((H_MESSAGE_ID, request.message_id.encode()))
+    headers.append((H_PRIORITY, request.priority.value.encode()))
+    if request.content_type is not None:
+        headers.append((H_CONTENT_TYPE, request.content_type.encode()))
+    if request.schema is not None:
+        headers.append((H_SCHEMA, request.schema.encode()))
+    headers.extend(encoded.headers)
+    return headers
 
 
 class DirectPublishStrategy:

@@ -25,7 +25,6 @@ import base64
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -35,6 +34,7 @@ from typing import Any
 
 import orjson
 import zstandard
+from _bench import start_kafka
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from athomic import MessagingSettings, decode_message
@@ -198,21 +198,6 @@ def print_micro(rows: list[tuple[str, int, float, float]]) -> None:
 
 
 # --- end to end ------------------------------------------------------------------------------
-def start_kafka() -> tuple[str, Callable[[], None]]:
-    existing = os.environ.get("KAFKA_BOOTSTRAP")
-    if existing:
-        return existing, lambda: None
-    port = os.environ.get("ATHOMIC_BENCH_KAFKA_PORT", "49192")
-    script = str(ROOT / "deploy" / "kafka" / "kafka-local")
-    out = subprocess.run([script, "start", "--port", port], check=True, capture_output=True,
-                         text=True, timeout=600)
-
-    def stop() -> None:
-        subprocess.run([script, "stop", "--port", port], capture_output=True, timeout=120)
-
-    return out.stdout.strip().splitlines()[-1], stop
-
-
 def end_to_end(runs: int, messages: int, batch: int, in_flight: int
                ) -> dict[str, list[float]]:
     import ray

@@ -33,7 +33,6 @@ from athomic.messages import (
     H_ENCRYPTION,
     H_KEY_ID,
     H_MESSAGE_ID,
-    MessageHeaders,
     MessagePriority,
     PublishRequest,
     new_message_id,
@@ -66,14 +65,14 @@ def publish(s: MessagingSettings, message: Any, *, topic: str = "orders.v1",
             key: bytes | None = b"user-1") -> Record:
     """What ProducerHandle + ProducerActor do to a message, minus the network."""
     pipe = Pipeline.from_settings(s)
-    value, content = pipe.serialize(message)
-    request = PublishRequest(topic=topic, value=value, key=key,
-                             headers=MessageHeaders(content), priority=MessagePriority.NORMAL,
-                             deliver_at=None, message_id=new_message_id(), published_at=0.0)
+    value, content_type, schema = pipe.serializer.dumps(message)
+    request = PublishRequest(topic=topic, value=value, key=key, headers=[],
+                             content_type=content_type, schema=schema,
+                             priority=MessagePriority.NORMAL, deliver_at=None,
+                             message_id=new_message_id(), published_at=0.0)
     direct = DirectPublishStrategy(s)
     encoded = pipe.encode(value, topic=direct.topic_for(request), key=key,
-                          message_id=request.message_id,
-                          content_type=request.headers.get_str(H_CONTENT_TYPE) or "")
+                          message_id=request.message_id, content_type=content_type)
     record = direct.build(request, encoded)
     return Record(record.topic, record.key, record.value, record.headers)
 
@@ -154,13 +153,12 @@ def test_compression_skipped_when_small_or_not_smaller() -> None:
 def test_pipeline_headers_from_caller_are_dropped() -> None:
     s = make(COMPRESS)
     pipe = Pipeline.from_settings(s)
-    value, content = pipe.serialize({"small": 1})
+    value, content_type, schema = pipe.serializer.dumps({"small": 1})
     request = PublishRequest(
         topic="t", value=value, key=None,
-        headers=MessageHeaders([*content, (H_CONTENT_ENCODING, b"gzip"),
-                                (H_KEY_ID, b"forged"), ("x-mine", b"kept")]),
-        priority=MessagePriority.NORMAL, deliver_at=None, message_id=new_message_id(),
-        published_at=0.0)
+        headers=[(H_CONTENT_ENCODING, b"gzip"), (H_KEY_ID, b"forged"), ("x-mine", b"kept")],
+        content_type=content_type, schema=schema, priority=MessagePriority.NORMAL,
+        deliver_at=None, message_id=new_message_id(), published_at=0.0)
     record = DirectPublishStrategy(s).build(request, pipe.encode(value, topic="t", key=None,
                                                                 message_id="m"))
     names = [k for k, _ in record.headers]

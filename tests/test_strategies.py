@@ -10,9 +10,9 @@ from athomic.strategies import physical_topic
 
 def request(priority: MessagePriority = MessagePriority.NORMAL) -> PublishRequest:
     return PublishRequest(topic="orders", value=b"{}", key=b"k",
-                          headers=MessageHeaders({"message-id": "spoofed", "x": "1"}),
-                          priority=priority, deliver_at=None, message_id="id-1",
-                          published_at=1.0)
+                          headers=[("message-id", b"spoofed"), ("x", b"1")],
+                          content_type="application/json", schema=None, priority=priority,
+                          deliver_at=None, message_id="id-1", published_at=1.0)
 
 
 def test_physical_priority_topics() -> None:

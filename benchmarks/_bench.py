@@ -1,0 +1,56 @@
+"""Shared by the benchmarks: a Kafka to measure against, and a local Ray."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start_kafka(default_port: str = "49192") -> tuple[str, Callable[[], None]]:
+    """KAFKA_BOOTSTRAP when set, else a kafka-local broker on ATHOMIC_BENCH_KAFKA_PORT
+    (stopped by the returned function)."""
+    existing = os.environ.get("KAFKA_BOOTSTRAP")
+    if existing:
+        return existing, lambda: None
+    port = os.environ.get("ATHOMIC_BENCH_KAFKA_PORT", default_port)
+    script = str(ROOT / "deploy" / "kafka" / "kafka-local")
+    out = subprocess.run([script, "start", "--port", port], check=True, capture_output=True,
+                         text=True, timeout=600)
+
+    def stop() -> None:
+        subprocess.run([script, "stop", "--port", port], capture_output=True, timeout=120)
+
+    return out.stdout.strip().splitlines()[-1], stop
+
+
+@contextmanager
+def kafka_and_ray(num_cpus: int = 4) -> Iterator[str]:
+    import ray
+
+    bootstrap, stop_kafka = start_kafka()
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+             log_to_driver=False, configure_logging=False)
+    try:
+        yield bootstrap
+    finally:
+        ray.shutdown()
+        stop_kafka()
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def machine() -> dict[str, Any]:
+    import platform
+    import time
+
+    return {"cpus": os.cpu_count(), "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M")}

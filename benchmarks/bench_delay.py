@@ -1,0 +1,254 @@
+"""Delayed delivery benchmark (issue 3).
+
+    python benchmarks/bench_delay.py [--rate 2000 --seconds 20] [--runs 3]
+
+1. Lateness under load: delayed messages published at ``--rate`` msg/s for ``--seconds``
+   (delays uniform in 0.5..10 s over buckets 1/2/4/8 s, so most cascade), through
+   ProducerFactory and the DelayBucketActors on a local Ray. A consumer in its own process
+   (read_committed) stamps each record on arrival; lateness = arrival - due time. Reports
+   p50 / p99 / max, how many arrived early (must be 0), and how many were delivered
+   (must be all, once).
+2. Republish throughput: a backlog of ``--backlog`` messages, all due, in one delay topic;
+   one DelayBucketActor (run in this process) republishes it, against a plain aiokafka
+   transactional consume -> produce loop (read_committed consumer, one transaction per
+   fetched batch with the consumed offsets) over the same records, in the same run.
+
+Uses KAFKA_BOOTSTRAP when set, else starts deploy/kafka/kafka-local.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import random
+import time
+import uuid
+from typing import Any
+
+import orjson
+from _bench import kafka_and_ray, machine, median, start_kafka
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from athomic import MessagingSettings, ProducerFactory
+from athomic.republisher.schedule import percentile
+
+
+# --- part 1: lateness ------------------------------------------------------------------------
+def consume(bootstrap: str, topic: str, expected: int, timeout: float, out: Any) -> None:
+    """In its own process: read ``expected`` records, stamp arrival, report lateness."""
+
+    async def run() -> dict[str, Any]:
+        consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap,
+                                    auto_offset_reset="earliest", group_id=None,
+                                    isolation_level="read_committed", fetch_max_wait_ms=10,
+                                    metadata_max_age_ms=500)
+        await consumer.start()
+        late: list[float] = []
+        ids: set[bytes] = set()
+        deadline = time.time() + timeout
+        try:
+            while len(late) < expected and time.time() < deadline:
+                batch = await consumer.getmany(timeout_ms=20)
+                now = time.time()
+                for records in batch.values():
+                    for r in records:
+                        h = dict(r.headers)
+                        late.append(now - int(h["athomic-deliver-at"]) / 1000)
+                        ids.add(h["message-id"])
+        finally:
+            await consumer.stop()
+        late.sort()
+        return {"received": len(late), "unique": len(ids),
+                "early": sum(1 for x in late if x < 0), "p50": percentile(late, 50),
+                "p99": percentile(late, 99), "max": late[-1] if late else 0.0}
+
+    out.put(asyncio.run(run()))
+
+
+def lateness(bootstrap: str, rate: int, seconds: int) -> dict[str, Any]:
+    import ray
+
+    tag = uuid.uuid4().hex[:6]
+    buckets = {1: f"bench.delay.{tag}.1s", 2: f"bench.delay.{tag}.2s",
+               4: f"bench.delay.{tag}.4s", 8: f"bench.delay.{tag}.8s"}
+    settings = MessagingSettings(bootstrap_servers=bootstrap, connection_name=f"bd{tag}",
+                                 delay_topics=buckets)
+    handle = ProducerFactory.create(settings)
+    final = f"bench.final.{tag}"
+    total = rate * seconds
+    ray.get(handle.publish.remote(topic=final + ".warm", message=1))
+    queue: Any = mp.get_context("spawn").Queue()
+    reader = mp.get_context("spawn").Process(
+        target=consume, args=(bootstrap, final, total, seconds + 60, queue))
+    reader.start()
+    rnd = random.Random(1)
+    tick = 0.1
+    per_tick = int(rate * tick)
+    start = time.time()
+    pending: list[Any] = []
+    for t in range(int(seconds / tick)):
+        items = [{"message": {"n": t * per_tick + i, "pad": "x" * 200},
+                  "key": f"k{rnd.randrange(1000)}", "delay_seconds": rnd.uniform(0.5, 10.0)}
+                 for i in range(per_tick)]
+        pending.append(handle.publish_batch.remote(items, topic=final))
+        if len(pending) > 4:
+            ray.get(pending.pop(0))
+        sleep = start + (t + 1) * tick - time.time()
+        if sleep > 0:
+            time.sleep(sleep)
+    ray.get(pending)
+    published_rate = total / (time.time() - start)
+    result: dict[str, Any] = queue.get(timeout=seconds + 120)
+    reader.join()
+    actors = [ray.get_actor(n, namespace="athomic") for n in
+              (e["name"] for e in ray.util.list_named_actors(all_namespaces=True))
+              if n.startswith(f"bd{tag}.delay.")]
+    stats = ray.get([a.stats.remote() for a in actors])
+    ProducerFactory.shutdown(settings.connection_name)
+    result.update(published=total, published_rate=published_rate,
+                  republisher={s["topic"].rsplit(".", 1)[-1]: s["lateness"] for s in stats})
+    return result
+
+
+# --- part 2: throughput ------------------------------------------------------------------------
+async def backlog(bootstrap: str, n: int) -> tuple[MessagingSettings, str]:
+    """A delay topic holding ``n`` messages, all due by the time this returns."""
+    tag = uuid.uuid4().hex[:6]
+    topic = f"bench.backlog.{tag}.1s"
+    settings = MessagingSettings(bootstrap_servers=bootstrap, connection_name=f"bt{tag}",
+                                 delay_topics={1: topic},
+                                 republisher={"enabled": False, "partitions": 3})
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    await admin.create_topics([NewTopic(topic, 3, 1)])
+    await admin.close()
+    from athomic.actors.producer import ProducerActor
+    from athomic.messages import MessagePriority, PublishRequest, new_message_ids
+
+    actor = ProducerActor(settings)
+    due = time.time() + 1.0
+    now = time.time()
+    body = orjson.dumps({"pad": "x" * 200})
+    for lo in range(0, n, 5000):
+        ids = new_message_ids(min(5000, n - lo))
+        await actor.publish_batch([
+            PublishRequest(f"bench.out.{tag}", body, f"k{lo + i}".encode(), [],
+                           "application/json", None, MessagePriority.NORMAL, due, mid, now)
+            for i, mid in enumerate(ids)])
+    await actor.stop()
+    await asyncio.sleep(max(due - time.time(), 0) + 0.5)
+    return settings, topic
+
+
+async def ours(settings: MessagingSettings, topic: str, n: int) -> float:
+    from athomic.actors.delay_bucket import DelayBucketActor
+
+    worker = DelayBucketActor(settings, topic, autostart=False)
+    task = asyncio.create_task(worker.run_forever())
+    while not worker.republisher.running:
+        await asyncio.sleep(0.005)
+    start = time.perf_counter()
+    while worker.republisher.counts["final"] < n:
+        await asyncio.sleep(0.005)
+    elapsed = time.perf_counter() - start
+    worker.republisher.stop()
+    await task
+    return n / elapsed
+
+
+async def baseline(bootstrap: str, topic: str, n: int) -> float:
+    """Plain aiokafka: read_committed consume -> transactional produce + offsets."""
+    group = f"bench.base.{uuid.uuid4().hex[:6]}"
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, transactional_id=group,
+                                enable_idempotence=True, acks="all", linger_ms=0,
+                                max_batch_size=256 * 1024)
+    await producer.start()
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
+                                isolation_level="read_committed", fetch_max_wait_ms=50,
+                                auto_offset_reset="earliest",
+                                max_partition_fetch_bytes=4 * 1024 * 1024)
+    await consumer.start()
+    tps = [TopicPartition(topic, p) for p in range(3)]
+    consumer.assign(tps)
+    await consumer.seek_to_beginning(*tps)
+    out = topic + ".base"
+    done = 0
+    start = None
+    try:
+        while done < n:
+            batch = await consumer.getmany(timeout_ms=200, max_records=5000)
+            if not batch:
+                continue
+            start = start or time.perf_counter()
+            async with producer.transaction():
+                futures = [await producer.send(out, r.value, key=r.key,
+                                               headers=list(r.headers))
+                           for records in batch.values() for r in records]
+                await asyncio.gather(*futures)
+                await producer.send_offsets_to_transaction(
+                    {tp: records[-1].offset + 1 for tp, records in batch.items()}, group)
+            done += len(futures)
+    finally:
+        await consumer.stop()
+        await producer.stop()
+    assert start is not None
+    return n / (time.perf_counter() - start)
+
+
+def throughput(n: int, runs: int) -> dict[str, list[float]]:
+    bootstrap, stop = start_kafka()
+    results: dict[str, list[float]] = {"athomic": [], "aiokafka": []}
+    try:
+        for run in range(1, runs + 1):
+            settings, topic = asyncio.run(backlog(bootstrap, n))
+            results["aiokafka"].append(asyncio.run(baseline(bootstrap, topic, n)))
+            results["athomic"].append(asyncio.run(ours(settings, topic, n)))
+            print(f"run {run}: athomic {results['athomic'][-1]:.0f} msg/s, aiokafka "
+                  f"{results['aiokafka'][-1]:.0f} msg/s", flush=True)
+    finally:
+        stop()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rate", type=int, default=2000)
+    parser.add_argument("--seconds", type=int, default=20)
+    parser.add_argument("--backlog", type=int, default=30000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--skip-lateness", action="store_true")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    report: dict[str, Any] = {"machine": machine()}
+    if not args.skip_lateness:
+        runs = []
+        for run in range(1, args.runs + 1):
+            with kafka_and_ray() as bootstrap:
+                runs.append(lateness(bootstrap, args.rate, args.seconds))
+            r = runs[-1]
+            print(f"lateness run {run}: {r['received']}/{r['published']} delivered "
+                  f"({r['unique']} unique), early {r['early']}, p50 {r['p50'] * 1000:.0f} "
+                  f"ms, p99 {r['p99'] * 1000:.0f} ms, max {r['max'] * 1000:.0f} ms at "
+                  f"{r['published_rate']:.0f} msg/s published", flush=True)
+        report["lateness"] = runs
+        print(f"\nlateness, median of {args.runs} runs: p50 "
+              f"{median([r['p50'] for r in runs]) * 1000:.0f} ms, p99 "
+              f"{median([r['p99'] for r in runs]) * 1000:.0f} ms, max "
+              f"{median([r['max'] for r in runs]) * 1000:.0f} ms; early in all runs: "
+              f"{sum(r['early'] for r in runs)} (targets: 0 early, p99 <= 100 ms, "
+              "max <= 500 ms)")
+    res = throughput(args.backlog, args.runs)
+    report["throughput"] = res
+    a, b = median(res["athomic"]), median(res["aiokafka"])
+    print(f"\nrepublish throughput, median of {args.runs}: athomic {a:.0f} msg/s, plain "
+          f"aiokafka transactional loop {b:.0f} msg/s, ratio {a / b:.2f} (target >= 0.6)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
