@@ -12,7 +12,7 @@ from typing import Any, Generic, TypeVar
 
 import ray
 
-from .context import capture
+from .context import capture, drop_invalid_traceparent
 from .errors import (
     InvalidDelayError,
     InvalidHeaderError,
@@ -163,17 +163,23 @@ class ProducerHandle:
                     f"delay of {due - now:.0f}s exceeds max_delay_seconds={cap}",
                     value=due - now)
         caller = as_headers(headers)
-        limits = self.settings.producer
-        if len(caller) > limits.max_headers or caller.size() > limits.max_header_bytes:
-            raise InvalidHeaderError(
-                f"headers exceed the limit of {limits.max_headers} entries / "
-                f"{limits.max_header_bytes} bytes", value=len(caller))
+        # A caller's invalid traceparent is dropped, never an error: the message then
+        # carries the caller's current trace context, or the actor's span starts a trace.
+        drop_invalid_traceparent(caller)
         value, content = self._pipeline.serialize(message)
-        captured = capture(self._service, self.settings.lineage.enabled)
-        captured.update(caller)  # what the caller passed wins over what was captured
-        captured.update(content)  # ... but the content type is the serializer's
+        final = capture(self._service, self.settings.lineage.enabled)
+        final.update(caller)  # what the caller passed wins over what was captured
+        final.update(content)  # ... but the content type is the serializer's
+        limits = self.settings.producer
+        if len(final) > limits.max_headers or final.size() > limits.max_header_bytes:
+            raise InvalidHeaderError(
+                f"headers exceed producer.max_headers={limits.max_headers} / "
+                f"producer.max_header_bytes={limits.max_header_bytes}: {len(final)} "
+                f"headers, {final.size()} bytes ({len(caller)} passed in headers=, the rest "
+                "captured: trace context, context variables, lineage, content type)",
+                value=len(final))
         return PublishRequest(
-            topic=topic, value=value, key=_to_key(key), headers=captured,
+            topic=topic, value=value, key=_to_key(key), headers=final,
             priority=prio, deliver_at=due, message_id=new_message_id(), published_at=now)
 
     # --- routing -----------------------------------------------------------------------

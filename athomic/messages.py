@@ -148,6 +148,16 @@ class MessageHeaders:
         self._items = [(ik, iv) for ik, iv in self._items if ik != k]
         self._items.append((k, v))
 
+    def set_many(self, pairs: Iterable[tuple[str, HeaderValue]],
+                 remove: Iterable[str] = ()) -> None:
+        """``set`` each pair and drop every key in ``remove``, in one pass over the headers
+        (trace context on every message of a batch)."""
+        checked = [self._check(k, v) for k, v in pairs]
+        keys = {k for k, _ in checked}.union(remove)
+        items = [kv for kv in self._items if kv[0] not in keys]
+        items += checked
+        self._items = items
+
     def setdefault(self, key: str, value: HeaderValue) -> None:
         if key not in self:
             self.add(key, value)
@@ -161,6 +171,11 @@ class MessageHeaders:
     def get_str(self, key: str, default: str | None = None) -> str | None:
         value = self.get(key)
         return default if value is None else value.decode("utf-8", "replace")
+
+    def last(self, *keys: str) -> tuple[bytes | None, ...]:
+        """The last value of each of ``keys`` (None where absent), in one pass."""
+        found = {k: v for k, v in self._items if k in keys}  # later pairs win
+        return tuple(found.get(k) for k in keys)
 
     def get_all(self, key: str) -> list[bytes]:
         return [v for k, v in self._items if k == key]

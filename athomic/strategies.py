@@ -15,6 +15,7 @@ from athomic.settings import MessagingSettings
 from .messages import (
     H_MESSAGE_ID,
     H_PRIORITY,
+    H_PUBLISHED_AT,
     PIPELINE_HEADERS,
     MessagePriority,
     PublishingOutcome,
@@ -54,10 +55,14 @@ def physical_topic(topic: str, priority: MessagePriority, priority_topics: bool)
 
 
 def final_headers(request: PublishRequest, encoded: Encoded) -> list[tuple[str, bytes]]:
-    """The caller's headers, then what athomic owns (id, priority, pipeline description)."""
+    """The caller's headers, then what athomic owns (id, priority, publish time, pipeline
+    description)."""
     headers = request.headers.copy()
     headers.set(H_MESSAGE_ID, request.message_id)
     headers.set(H_PRIORITY, request.priority.value)
+    # Epoch milliseconds of the publish call, fixed on the caller's side; kept through
+    # delays, so it is the original publish time.
+    headers.set(H_PUBLISHED_AT, str(round(request.published_at * 1000)))
     for name in PIPELINE_HEADERS:
         headers.remove(name)
     for key, value in encoded.headers:
