@@ -29,6 +29,7 @@ from .messages import (
 )
 from .pipeline import Pipeline
 from .settings import MessagingSettings
+from .telemetry import check_exporter
 
 T = TypeVar("T")
 
@@ -284,9 +285,11 @@ class ProducerFactory:
         from athomic.actors.topology import apply_producers
 
         settings = settings if settings is not None else MessagingSettings()
-        # Surface stage problems (a custom stage that does not import, ...) here as
-        # ConfigurationError, not as actors that fail to start.
+        # Surface stage and exporter problems (a custom stage that does not import, an OTLP
+        # exporter without its package) here as ConfigurationError, not as actors that fail
+        # to start.
         Pipeline.from_settings(settings)
+        check_exporter(settings.telemetry)
         return ProducerHandle(settings, apply_producers(settings))
 
     @staticmethod
