@@ -150,12 +150,16 @@ class MessageHeaders:
 
     def set_many(self, pairs: Iterable[tuple[str, HeaderValue]],
                  remove: Iterable[str] = ()) -> None:
-        """``set`` each pair and drop every key in ``remove``, in one pass over the headers
-        (trace context on every message of a batch)."""
+        """``set`` each pair and drop every key in ``remove``, in one pass."""
         checked = [self._check(k, v) for k, v in pairs]
-        keys = {k for k, _ in checked}.union(remove)
+        self.replace(frozenset(k for k, _ in checked).union(remove), checked)
+
+    def replace(self, keys: frozenset[str], pairs: list[tuple[str, bytes]]) -> None:
+        """Drop every value of ``keys``, then append ``pairs``, which must already be
+        ``(str, bytes)`` (e.g. ``other.items()``): ``set_many`` without the checks, for the
+        same pairs applied to every message of a batch."""
         items = [kv for kv in self._items if kv[0] not in keys]
-        items += checked
+        items += pairs
         self._items = items
 
     def setdefault(self, key: str, value: HeaderValue) -> None:
@@ -175,7 +179,7 @@ class MessageHeaders:
     def last(self, *keys: str) -> tuple[bytes | None, ...]:
         """The last value of each of ``keys`` (None where absent), in one pass."""
         found = {k: v for k, v in self._items if k in keys}  # later pairs win
-        return tuple(found.get(k) for k in keys)
+        return tuple(map(found.get, keys))
 
     def get_all(self, key: str) -> list[bytes]:
         return [v for k, v in self._items if k == key]

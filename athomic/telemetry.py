@@ -418,9 +418,9 @@ class Telemetry:
                 propagate.inject(carrier, context=trace.set_span_in_context(span, Context()),
                                  setter=HEADERS_SETTER)
                 pairs = carrier.items()
-                stale = _stale(pairs)
+                keys = _stale(pairs).union(k for k, _ in pairs)
                 for i in group.indices:
-                    requests[i].headers.set_many(pairs, stale)
+                    requests[i].headers.replace(keys, pairs)
         return list(groups.values())
 
     def _segment_observer(self, parent: Span) -> SegmentObserver:
