@@ -16,8 +16,8 @@ the message (the semconv "creation context"), so the record stays in the caller'
 - ``publish_batch``: one span per destination topic and caller context (in practice, one
   per batch) with ``messaging.batch.message_count``; its context is injected into every
   message of the group. Semantic conventions allow this when no per-message "create" spans
-  exist; per-message spans would cost ~20 µs each, about a third of what publishing a
-  1 KiB message costs end to end (see docs/observability.md).
+  exist; per-message spans would cost ~24 µs each, over a quarter of what publishing a
+  1 KiB message costs end to end (see docs/observability.md, BENCHMARKS.md).
 
 API for the republisher (DelayBucketActor)::
 
