@@ -114,6 +114,11 @@ class DelayBucketActor:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(self._task, 30)
         await self.republisher.close()
+        await asyncio.to_thread(self.republisher.telemetry.shutdown)
+
+    async def flush_telemetry(self) -> None:
+        """Export the spans and metrics this actor holds now (with an exporter set)."""
+        await asyncio.to_thread(self.republisher.telemetry.flush)
 
 
 def _node_id() -> str | None:

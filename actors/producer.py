@@ -30,7 +30,7 @@ from athomic.errors import (
     RecordTooLargeError,
 )
 from athomic.messages import PublishingOutcome, PublishRequest
-from athomic.pipeline import EncodeItem, Pipeline
+from athomic.pipeline import EncodeItem, Pipeline, SegmentObserver
 from athomic.settings import MessagingSettings
 from athomic.strategies import (
     DelayedPublishStrategy,
@@ -38,6 +38,7 @@ from athomic.strategies import (
     OutgoingRecord,
     PublishingStrategy,
 )
+from athomic.telemetry import Telemetry
 
 from .stage import StagePool
 
@@ -87,6 +88,8 @@ class ProducerActor:
         self._start_lock: asyncio.Lock | None = None
         self._closed = False
         self._fingerprint = settings.fingerprint()
+        # Spans and metrics live in this process; the trace context came with each request.
+        self.telemetry = Telemetry.from_settings(settings)
         self._sent = 0
         self._failed = 0
 
@@ -126,17 +129,25 @@ class ProducerActor:
         return producer
 
     async def stop(self) -> None:
-        """Flush what is pending, then close the Kafka producer. Idempotent."""
+        """Flush what is pending, then close the Kafka producer and export the telemetry
+        still held. Idempotent."""
         self._closed = True
         producer, self._producer = self._producer, None
-        if producer is not None:
-            try:
-                await asyncio.wait_for(
-                    producer.flush(), self.settings.producer.delivery_timeout_ms / 1000)
-            except asyncio.TimeoutError:
-                pass  # what could not be delivered was already reported as PublishError
-            finally:
-                await producer.stop()
+        try:
+            if producer is not None:
+                try:
+                    await asyncio.wait_for(
+                        producer.flush(), self.settings.producer.delivery_timeout_ms / 1000)
+                except asyncio.TimeoutError:
+                    pass  # what could not be delivered was already reported as PublishError
+                finally:
+                    await producer.stop()
+        finally:
+            await asyncio.to_thread(self.telemetry.shutdown)
+
+    async def flush_telemetry(self) -> None:
+        """Export the spans and metrics this actor holds now (with an exporter set)."""
+        await asyncio.to_thread(self.telemetry.flush)
 
     # --- publishing --------------------------------------------------------------------
     def strategy_for(self, request: PublishRequest, now: float) -> PublishingStrategy:
@@ -149,16 +160,18 @@ class ProducerActor:
             return self.delayed
         return self.direct
 
-    async def prepare(self, requests: Sequence[PublishRequest]
+    async def prepare(self, requests: Sequence[PublishRequest], *,
+                      observe: SegmentObserver | None = None
                       ) -> list[tuple[OutgoingRecord, PublishingOutcome]]:
         """Encode and check every request; raises before anything is sent.
 
         The whole batch is encoded in one ``encode_batch`` call (one StageActor call per
-        replica when stages are placed on actors), bound to each message's final topic."""
+        replica when stages are placed on actors), bound to each message's final topic.
+        ``observe`` wraps each run of stages (pipeline spans)."""
         limit = self.settings.producer.max_request_size
         items = [EncodeItem(r.value, self.direct.topic_for(r), r.key, r.message_id,
                             r.content_type or "") for r in requests]
-        encoded = await self.pipeline.encode_batch(items, self.stage_pool)
+        encoded = await self.pipeline.encode_batch(items, self.stage_pool, observe=observe)
         prepared = []
         now = time.time()
         for i, (request, enc) in enumerate(zip(requests, encoded, strict=True)):
@@ -183,6 +196,13 @@ class ProducerActor:
                         ) -> list[BaseException | None]:
         """Send every record, then await every acknowledgement within the delivery timeout
         (an idempotent aiokafka producer would otherwise retry a lost quorum forever)."""
+        return [r if isinstance(r, BaseException) else None
+                for r in await self._deliver(prepared)]
+
+    async def _deliver(self, prepared: list[tuple[OutgoingRecord, PublishingOutcome]]
+                       ) -> list[Any]:
+        """``_send_all``, keeping what the broker returned: per record, its metadata
+        (``partition``, ``offset``) or the exception it failed with."""
         producer = await self._ensure_started()
         timeout = self.settings.producer.delivery_timeout_ms / 1000
         start = asyncio.get_running_loop().time()
@@ -199,7 +219,7 @@ class ProducerActor:
             # the producer, which may yet deliver it; only our wait ends.
             remaining = timeout - (asyncio.get_running_loop().time() - start)
             await asyncio.wait(waiting, timeout=max(remaining, 0.001))
-        results: list[BaseException | None] = []
+        results: list[Any] = []
         for fut in futures:
             if isinstance(fut, BaseException):
                 results.append(fut)
@@ -208,17 +228,27 @@ class ProducerActor:
                     f"not acknowledged within delivery_timeout_ms="
                     f"{self.settings.producer.delivery_timeout_ms}"))
             else:
-                results.append(fut.exception())
+                results.append(fut.exception() or fut.result())
         return results
 
     async def publish(self, request: PublishRequest) -> PublishingOutcome:
         """Publish one message; returns once the broker acknowledged it."""
-        prepared = await self.prepare([request])
-        (error,) = await self._send_all(prepared)
-        if error is not None:
+        requests = [request]
+        recorder = self.telemetry.publishing(requests, batch=False,
+                                             topic_of=self.direct.topic_for)
+        try:
+            prepared = await self.prepare(requests, observe=recorder.observe)
+            (result,) = await self._deliver(prepared)
+        except BaseException as exc:
+            recorder.abort(exc)
+            raise
+        if isinstance(result, BaseException):
             self._failed += 1
-            raise translate_kafka_error(error, topic=prepared[0][0].topic) from None
+            error = translate_kafka_error(result, topic=prepared[0][0].topic)
+            recorder.done(prepared, [error])
+            raise error from None
         self._sent += 1
+        recorder.done(prepared, [result])
         return prepared[0][1]
 
     async def publish_batch(self, requests: list[PublishRequest]) -> list[PublishingOutcome]:
@@ -228,21 +258,29 @@ class ProducerActor:
         """
         if not requests:
             return []
-        prepared = await self.prepare(requests)
-        errors = await self._send_all(prepared)
-        failures = {i: repr(e) for i, e in enumerate(errors) if e is not None}
-        outcomes = [outcome if errors[i] is None else None
+        recorder = self.telemetry.publishing(requests, batch=True,
+                                             topic_of=self.direct.topic_for)
+        try:
+            prepared = await self.prepare(requests, observe=recorder.observe)
+            results = await self._deliver(prepared)
+        except BaseException as exc:
+            recorder.abort(exc)
+            raise
+        failures = {i: repr(r) for i, r in enumerate(results) if isinstance(r, BaseException)}
+        outcomes = [None if isinstance(results[i], BaseException) else outcome
                     for i, (_, outcome) in enumerate(prepared)]
         self._sent += len(requests) - len(failures)
         if failures:
             self._failed += len(failures)
+            for i in failures:
+                results[i] = translate_kafka_error(results[i], topic=prepared[i][0].topic)
+            recorder.done(prepared, results)
             first = min(failures)
-            cause = translate_kafka_error(errors[first] or Exception(),
-                                          topic=prepared[first][0].topic)
             raise PublishError(
                 f"{len(failures)} of {len(requests)} messages were not acknowledged; "
-                f"first (#{first}): {cause}", topic=prepared[first][0].topic,
+                f"first (#{first}): {results[first]}", topic=prepared[first][0].topic,
                 failures=failures, outcomes=outcomes) from None
+        recorder.done(prepared, results)
         return outcomes  # type: ignore[return-value]
 
     # --- introspection -----------------------------------------------------------------

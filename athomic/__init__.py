@@ -5,6 +5,7 @@ carries trace context and lineage in its headers, and can be delayed and priorit
 """
 
 from ._handle import ProducerFactory, ProducerHandle
+from .context import MessageContext, extract_context, message_context, register_context_var
 from .errors import (
     AthomicError,
     CompressionError,
@@ -44,6 +45,7 @@ __all__ = [
     "InvalidHeaderError",
     "InvalidTopicError",
     "MalformedEnvelopeError",
+    "MessageContext",
     "MessageHeaders",
     "MessagePriority",
     "MessagingConnectionError",
@@ -62,4 +64,8 @@ __all__ = [
     "ValidationError",
     "decode_message",
     "decode_record",
+    # consumer side: context a message carries
+    "extract_context",
+    "message_context",
+    "register_context_var",
 ]

@@ -12,7 +12,7 @@ from typing import Any, Generic, TypeVar
 
 import ray
 
-from .context import capture
+from .context import capture, drop_invalid_traceparent
 from .errors import (
     InvalidDelayError,
     InvalidHeaderError,
@@ -30,6 +30,7 @@ from .messages import (
 )
 from .pipeline import Pipeline
 from .settings import MessagingSettings
+from .telemetry import check_exporter
 
 T = TypeVar("T")
 
@@ -176,19 +177,24 @@ class ProducerHandle:
                     f"delay of {due - now:.0f}s exceeds max_delay_seconds={cap}",
                     value=due - now)
         context, context_size = captured if captured is not None else self._captured()
-        merged, size = context, context_size
+        merged, size, passed = context, context_size, 0
         if headers:
             caller = as_headers(headers)
+            # A caller's invalid traceparent is dropped, never an error: the message then
+            # carries the caller's current trace context, or the actor's span starts a trace.
+            drop_invalid_traceparent(caller)
             own = {k for k, _ in caller.items()}
             # what the caller passed wins over what was captured
             merged = [h for h in context if h[0] not in own] + caller.items()
             size = sum(len(k) + len(v) for k, v in merged)
+            passed = len(caller)
         limits = self.settings.producer
         if len(merged) > limits.max_headers or size > limits.max_header_bytes:
             raise InvalidHeaderError(
-                f"headers ({len(merged)} entries, {size} bytes, captured context included) "
-                f"exceed the limit of {limits.max_headers} entries / "
-                f"{limits.max_header_bytes} bytes", value=len(merged))
+                f"headers exceed producer.max_headers={limits.max_headers} / "
+                f"producer.max_header_bytes={limits.max_header_bytes}: {len(merged)} "
+                f"headers, {size} bytes ({passed} passed in headers=, the rest captured: "
+                "trace context, context variables, lineage)", value=len(merged))
         if message is None:  # a tombstone stays a null value, as Kafka compaction expects
             value, content_type, schema = None, None, None
         else:
@@ -308,9 +314,11 @@ class ProducerFactory:
         from athomic.actors.topology import apply_producers, apply_republisher
 
         settings = settings if settings is not None else MessagingSettings()
-        # Surface stage problems (a custom stage that does not import, ...) here as
-        # ConfigurationError, not as actors that fail to start.
+        # Surface stage and exporter problems (a custom stage that does not import, an OTLP
+        # exporter without its package) here as ConfigurationError, not as actors that fail
+        # to start.
         Pipeline.from_settings(settings)
+        check_exporter(settings.telemetry)
         if settings.delay_topics and settings.republisher.enabled:
             apply_republisher(settings)
         return ProducerHandle(settings, apply_producers(settings))

@@ -1,28 +1,94 @@
-"""Context captured where ``publish`` is called: W3C trace context, baggage, execution-context
-variables and lineage, turned into Kafka headers.
+"""Context carried in Kafka headers: W3C trace context, baggage, execution-context
+variables and lineage.
 
-The caller's context lives in the caller's process (a driver, a Ray task, a ``map_batches``
-worker), not in the ProducerActor, so the handle captures it before the actor call.
+Producer side, ``capture`` runs where ``publish`` is called (a driver, a Ray task, a
+``map_batches`` worker), not in the ProducerActor: the caller's context lives in the
+caller's process, so the handle captures it before the actor call. Consumer side,
+``extract_context`` reads it back from a record's headers and ``message_context``
+activates it (OpenTelemetry context and the registered context variables) for the
+duration of a ``with`` block. Trace context crosses the headers through one getter/setter
+pair (``HEADERS_GETTER`` / ``HEADERS_SETTER``) and the global OpenTelemetry propagator.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import socket
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from opentelemetry import propagate
+from opentelemetry import baggage as otel_baggage
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.propagators.textmap import Getter, Setter
+from opentelemetry.trace import SpanContext
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from .messages import (
     H_CONTEXT_PREFIX,
+    H_HOP,
     H_HOST,
+    H_MESSAGE_ID,
     H_PRODUCER,
+    H_PUBLISHED_AT,
     H_RAY_ACTOR_ID,
     H_RAY_JOB_ID,
     H_RAY_NODE_ID,
     H_RAY_TASK_ID,
+    H_TRACEPARENT,
+    H_TRACESTATE,
     MessageHeaders,
 )
+
+
+class HeadersGetter(Getter[MessageHeaders]):
+    """Reads a propagation field from Kafka headers (the last value, as everywhere in
+    athomic)."""
+
+    def get(self, carrier: MessageHeaders, key: str) -> list[str] | None:
+        value = carrier.get(key)
+        return None if value is None else [value.decode("utf-8", "replace")]
+
+    def keys(self, carrier: MessageHeaders) -> list[str]:
+        return list(dict.fromkeys(carrier))
+
+
+class HeadersSetter(Setter[MessageHeaders]):
+    """Writes a propagation field into Kafka headers, replacing any earlier value."""
+
+    def set(self, carrier: MessageHeaders, key: str, value: str) -> None:
+        carrier.set(key, value)
+
+
+HEADERS_GETTER = HeadersGetter()
+HEADERS_SETTER = HeadersSetter()
+_W3C = TraceContextTextMapPropagator()
+
+
+def valid_traceparent(value: bytes | str | None) -> bool:
+    """Whether ``value`` is a W3C traceparent the OpenTelemetry propagator accepts (right
+    shape, version not ``ff``, non-zero trace and span ids)."""
+    if value is None:
+        return False
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    ctx = _W3C.extract({H_TRACEPARENT: text})
+    return trace.get_current_span(ctx).get_span_context().is_valid
+
+
+def drop_invalid_traceparent(headers: MessageHeaders) -> bool:
+    """Remove an invalid ``traceparent`` (and the ``tracestate`` that belongs to it) from
+    headers a caller passed; True if one was removed. A bad header must never fail a
+    publish: the message carries the caller's own context instead, or a new trace."""
+    value = headers.get(H_TRACEPARENT)
+    if value is None or valid_traceparent(value):
+        return False
+    headers.remove(H_TRACEPARENT)
+    headers.remove(H_TRACESTATE)
+    return True
+
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "athomic_request_id", default=None)
@@ -87,10 +153,7 @@ def capture(service_name: str | None, lineage: bool = True) -> MessageHeaders:
     """Headers describing the current caller: trace context, baggage, context variables and
     (when ``lineage``) where the message comes from."""
     headers = MessageHeaders()
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier)
-    for key, value in carrier.items():
-        headers.add(key, value)
+    propagate.inject(headers, setter=HEADERS_SETTER)
     for name, var in _context_vars.items():
         value = var.get()
         if value is not None:
@@ -105,3 +168,119 @@ def capture(service_name: str | None, lineage: bool = True) -> MessageHeaders:
             if fact:
                 headers.add(key, fact)
     return headers
+
+
+# --- consumer side -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Lineage:
+    """Where a message comes from, as its lineage headers say (None where absent)."""
+
+    message_id: str | None = None
+    producer: str | None = None
+    host: str | None = None
+    ray_job_id: str | None = None
+    ray_node_id: str | None = None
+    ray_task_id: str | None = None
+    ray_actor_id: str | None = None
+    published_at: float | None = None
+    """When ``publish`` was called (epoch seconds), kept through delays."""
+    hop: int | None = None
+    """Delay topics the message passed through (set by the delayed path)."""
+
+
+@dataclass(frozen=True)
+class MessageContext:
+    """The context a received message carries, from ``extract_context``."""
+
+    otel_context: Context
+    """Trace context and baggage as an OpenTelemetry Context: the parent for a span that
+    processes the message (``tracer.start_span(..., context=ctx.otel_context)``)."""
+    span_context: SpanContext | None
+    """The producer's span (remote); None when the message has no valid traceparent."""
+    baggage: Mapping[str, str] = field(default_factory=dict)
+    values: Mapping[str, str] = field(default_factory=dict)
+    """Execution-context values by name (``request_id``, ``tenant_id``, registered ones)."""
+    lineage: Lineage = field(default_factory=Lineage)
+
+    @property
+    def trace_id(self) -> str | None:
+        """The trace id as 32 hex digits, or None."""
+        return None if self.span_context is None else f"{self.span_context.trace_id:032x}"
+
+
+def _as_headers(headers: Any) -> MessageHeaders:
+    """Record headers in any form (aiokafka's pairs, a list, a mapping, MessageHeaders)."""
+    if isinstance(headers, MessageHeaders):
+        return headers
+    pairs = headers.items() if isinstance(headers, Mapping) else headers or ()
+    out = MessageHeaders()
+    for key, value in pairs:
+        if isinstance(value, str):
+            value = value.encode("utf-8")
+        out.add(str(key), bytes(value or b""))
+    return out
+
+
+def _context_names() -> dict[str, str]:
+    return {context_header(name): name for name in _context_vars}
+
+
+def extract_context(headers: Any) -> MessageContext:
+    """Read the trace context, baggage, execution-context values and lineage a received
+    message carries. ``headers`` is the record's headers in any form. Never raises on bad
+    values: an invalid ``traceparent`` simply yields no span context."""
+    hdrs = _as_headers(headers)
+    ctx = propagate.extract(hdrs, getter=HEADERS_GETTER)
+    span_context = trace.get_current_span(ctx).get_span_context()
+    names = _context_names()
+    values: dict[str, str] = {}
+    for key, raw in hdrs.items():
+        if key.startswith(H_CONTEXT_PREFIX):
+            name = names.get(key) or key[len(H_CONTEXT_PREFIX):].replace("-", "_")
+            values[name] = raw.decode("utf-8", "replace")
+    return MessageContext(
+        otel_context=ctx,
+        span_context=span_context if span_context.is_valid else None,
+        baggage={k: str(v) for k, v in otel_baggage.get_all(ctx).items()},
+        values=values,
+        lineage=_lineage_of(hdrs))
+
+
+def _lineage_of(hdrs: MessageHeaders) -> Lineage:
+    published_ms = _number(hdrs.get_str(H_PUBLISHED_AT))
+    hop = _number(hdrs.get_str(H_HOP))
+    return Lineage(
+        message_id=hdrs.get_str(H_MESSAGE_ID), producer=hdrs.get_str(H_PRODUCER),
+        host=hdrs.get_str(H_HOST), ray_job_id=hdrs.get_str(H_RAY_JOB_ID),
+        ray_node_id=hdrs.get_str(H_RAY_NODE_ID), ray_task_id=hdrs.get_str(H_RAY_TASK_ID),
+        ray_actor_id=hdrs.get_str(H_RAY_ACTOR_ID),
+        published_at=None if published_ms is None else published_ms / 1000.0,
+        hop=None if hop is None else int(hop))
+
+
+def _number(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+@contextlib.contextmanager
+def message_context(headers: Any) -> Iterator[MessageContext]:
+    """Activate a received message's context for the ``with`` block: its trace context
+    and baggage become the current OpenTelemetry context, and every registered context
+    variable is set to the message's value (None when the message has none). Both are
+    restored on exit."""
+    ctx = extract_context(headers)
+    token = otel_context.attach(ctx.otel_context)
+    reset: list[tuple[contextvars.ContextVar[Any], contextvars.Token[Any]]] = []
+    try:
+        for name, var in _context_vars.items():
+            reset.append((var, var.set(ctx.values.get(name))))
+        yield ctx
+    finally:
+        for var, var_token in reversed(reset):
+            var.reset(var_token)
+        otel_context.detach(token)

@@ -148,6 +148,20 @@ class MessageHeaders:
         self._items = [(ik, iv) for ik, iv in self._items if ik != k]
         self._items.append((k, v))
 
+    def set_many(self, pairs: Iterable[tuple[str, HeaderValue]],
+                 remove: Iterable[str] = ()) -> None:
+        """``set`` each pair and drop every key in ``remove``, in one pass."""
+        checked = [self._check(k, v) for k, v in pairs]
+        self.replace(frozenset(k for k, _ in checked).union(remove), checked)
+
+    def replace(self, keys: frozenset[str], pairs: list[tuple[str, bytes]]) -> None:
+        """Drop every value of ``keys``, then append ``pairs``, which must already be
+        ``(str, bytes)`` (e.g. ``other.items()``): ``set_many`` without the checks, for the
+        same pairs applied to every message of a batch."""
+        items = [kv for kv in self._items if kv[0] not in keys]
+        items += pairs
+        self._items = items
+
     def setdefault(self, key: str, value: HeaderValue) -> None:
         if key not in self:
             self.add(key, value)
@@ -161,6 +175,11 @@ class MessageHeaders:
     def get_str(self, key: str, default: str | None = None) -> str | None:
         value = self.get(key)
         return default if value is None else value.decode("utf-8", "replace")
+
+    def last(self, *keys: str) -> tuple[bytes | None, ...]:
+        """The last value of each of ``keys`` (None where absent), in one pass."""
+        found = {k: v for k, v in self._items if k in keys}  # later pairs win
+        return tuple(map(found.get, keys))
 
     def get_all(self, key: str) -> list[bytes]:
         return [v for k, v in self._items if k == key]

@@ -121,6 +121,44 @@ class LineageSettings(_Section):
     service_name: str = "athomic"
 
 
+class TelemetrySettings(_Section):
+    """OpenTelemetry traces and metrics of the actors (see docs/observability.md).
+
+    ``exporter="none"`` (the default) instruments through the global OpenTelemetry API: the
+    spans and metrics go wherever the process's own SDK setup sends them (e.g. one made in a
+    Ray ``worker_process_setup_hook``), and cost next to nothing when there is none. Any
+    other exporter makes athomic build its own tracer and meter providers in each actor
+    process, never installed as the global ones.
+    """
+
+    traces: bool = True
+    """PRODUCER spans around publishing (and around republishing, in the republisher)."""
+    metrics: bool = True
+    """Counters and histograms of publishing, delays, DLQ and errors."""
+    exporter: Literal["none", "console", "otlp", "file"] = "none"
+    """none: the global OpenTelemetry API. console: stdout of each actor. otlp: an OTLP
+    collector (needs ``pip install 'athomic-ray[otlp]'``). file: JSON lines appended to
+    ``file_path`` (one line per span or metric point; for tests and debugging)."""
+    otlp_endpoint: str | None = None
+    """Collector URL; None leaves it to the exporter's own default."""
+    otlp_protocol: Literal["grpc", "http/protobuf"] = "http/protobuf"
+    file_path: Path | None = None
+    """Required with ``exporter="file"``; every process appends to it."""
+    service_name: str | None = None
+    """``service.name`` of athomic's own providers; None: ``lineage.service_name``."""
+    pipeline_spans: bool = False
+    """INTERNAL spans around the byte stages of each batch (one per run of stages with the
+    same placement)."""
+    metric_export_interval_s: float = Field(60.0, gt=0, le=3600)
+    """How often athomic's own metric reader exports (flush and shutdown export too)."""
+
+    @model_validator(mode="after")
+    def _file_needs_path(self) -> TelemetrySettings:
+        if self.exporter == "file" and self.file_path is None:
+            raise ValueError("telemetry.exporter='file' needs telemetry.file_path")
+        return self
+
+
 class SerializeStageSpec(_Section):
     """Turns the message object into bytes and records its content type."""
 
@@ -393,6 +431,7 @@ class MessagingSettings(BaseSettings):
     producer: ProducerSettings = ProducerSettings()
     lanes: LaneSettings = LaneSettings()
     lineage: LineageSettings = LineageSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
     priority_topics: bool = False
     """Route HIGH to ``<topic>.high`` and LOW to ``<topic>.low`` (NORMAL keeps ``<topic>``)."""
     delay_topics: dict[float, str] = Field(default_factory=dict)

@@ -21,6 +21,7 @@ from .messages import (
     H_HOP,
     H_MESSAGE_ID,
     H_PRIORITY,
+    H_PUBLISHED_AT,
     H_SCHEMA,
     PIPELINE_HEADERS,
     MessagePriority,
@@ -60,16 +61,20 @@ def physical_topic(topic: str, priority: MessagePriority, priority_topics: bool)
     return topic
 
 
-_OWNED = frozenset({H_MESSAGE_ID, H_PRIORITY, H_CONTENT_TYPE, H_SCHEMA, *PIPELINE_HEADERS})
+_OWNED = frozenset({H_MESSAGE_ID, H_PRIORITY, H_PUBLISHED_AT, H_CONTENT_TYPE, H_SCHEMA,
+                    *PIPELINE_HEADERS})
 
 
 def final_headers(request: PublishRequest, encoded: Encoded) -> list[tuple[str, bytes]]:
     """The caller's (and captured) headers, then what athomic owns: message id, priority,
-    content type and schema, and the pipeline's description of the value. A caller's value
-    for an owned header is dropped, so a record never misdescribes itself."""
+    publish time, content type and schema, and the pipeline's description of the value. A
+    caller's value for an owned header is dropped, so a record never misdescribes itself."""
     headers = [h for h in request.headers if h[0] not in _OWNED]
     headers.append((H_MESSAGE_ID, request.message_id.encode()))
     headers.append((H_PRIORITY, request.priority.value.encode()))
+    # Epoch milliseconds of the publish call, fixed on the caller's side; kept through
+    # delays, so it is the original publish time.
+    headers.append((H_PUBLISHED_AT, str(round(request.published_at * 1000)).encode()))
     if request.content_type is not None:
         headers.append((H_CONTENT_TYPE, request.content_type.encode()))
     if request.schema is not None:

@@ -123,7 +123,8 @@ async def backlog(bootstrap: str, n: int) -> tuple[MessagingSettings, str]:
                                  republisher={"enabled": False, "partitions": 3})
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
-    await admin.create_topics([NewTopic(topic, 3, 1)])
+    await admin.create_topics([NewTopic(topic, 3, 1, topic_configs={
+        "retention.ms": str(7 * 24 * 3600 * 1000)})])
     await admin.close()
     from athomic.actors.producer import ProducerActor
     from athomic.messages import MessagePriority, PublishRequest, new_message_ids
@@ -148,8 +149,7 @@ async def ours(settings: MessagingSettings, topic: str, n: int) -> float:
 
     worker = DelayBucketActor(settings, topic, autostart=False)
     task = asyncio.create_task(worker.run_forever())
-    while not worker.republisher.running:
-        await asyncio.sleep(0.005)
+    await worker.ready(60)
     start = time.perf_counter()
     while worker.republisher.counts["final"] < n:
         await asyncio.sleep(0.005)

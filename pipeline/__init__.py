@@ -13,7 +13,8 @@ from __future__ import annotations
 import functools
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -40,6 +41,7 @@ __all__ = [
     "EncodeItem",
     "Encoded",
     "Pipeline",
+    "SegmentObserver",
     "Stage",
     "StageContext",
     "StageRunner",
@@ -115,6 +117,11 @@ class StageWork:
         if self.ctx.applied:
             headers.append((H_CONTENT_ENCODING, ", ".join(self.ctx.applied).encode()))
         return Encoded(self.data, headers)
+
+
+SegmentObserver = Callable[[str, Sequence[str], int], AbstractContextManager[Any]]
+"""``observe(placement, stage_names, message_count)``: a context manager around one run of
+stages with the same placement over a batch (how pipeline spans are made)."""
 
 
 class StageRunner(Protocol):
@@ -206,9 +213,12 @@ class Pipeline:
         return work.finish()
 
     async def encode_batch(self, items: Sequence[EncodeItem],
-                           runner: StageRunner | None = None) -> list[Encoded]:
+                           runner: StageRunner | None = None, *,
+                           observe: SegmentObserver | None = None) -> list[Encoded]:
         """Encode many messages. Stages placed on actors run through ``runner`` (one call
         per segment for the whole batch); without a runner every stage runs here.
+        ``observe(placement, stage_names, count)``, when given, is a context manager
+        wrapped around each segment (pipeline spans).
 
         Raises the first message's PipelineError (with its batch index when there are
         several); then nothing of the batch is usable."""
@@ -224,25 +234,36 @@ class Pipeline:
         for segment, (place, lo, hi) in enumerate(self.segments):
             if not works:
                 break
-            if place == "actors" and runner is not None:
-                outs = await runner.run(segment, [w for _, w in works])
-                advanced: list[tuple[int, StageWork]] = []
-                for (i, _), out in zip(works, outs, strict=True):
-                    if isinstance(out, PipelineError):
-                        raise (_indexed(out, i) if many else out)
-                    advanced.append((i, out))
-                works = advanced
+            if observe is None:
+                works = await self._run_segment(segment, place, lo, hi, works, runner, many)
             else:
-                for i, work in works:
-                    try:
-                        self._apply(work, lo, hi)
-                    except PipelineError as exc:
-                        if many:
-                            _indexed(exc, i)
-                        raise
+                names = [stage.name for stage in self.stages[lo:hi]]
+                with observe(place, names, len(works)):
+                    works = await self._run_segment(segment, place, lo, hi, works, runner,
+                                                    many)
         for i, work in works:
             results[i] = work.finish()
         return results  # type: ignore[return-value]
+
+    async def _run_segment(self, segment: int, place: str, lo: int, hi: int,
+                           works: list[tuple[int, StageWork]], runner: StageRunner | None,
+                           many: bool) -> list[tuple[int, StageWork]]:
+        if place == "actors" and runner is not None:
+            outs = await runner.run(segment, [w for _, w in works])
+            advanced: list[tuple[int, StageWork]] = []
+            for (i, _), out in zip(works, outs, strict=True):
+                if isinstance(out, PipelineError):
+                    raise (_indexed(out, i) if many else out)
+                advanced.append((i, out))
+            return advanced
+        for i, work in works:
+            try:
+                self._apply(work, lo, hi)
+            except PipelineError as exc:
+                if many:
+                    _indexed(exc, i)
+                raise
+        return works
 
     def run_segment(self, segment: int, batch: list[StageWork]
                     ) -> list[StageWork | PipelineError]:

@@ -34,10 +34,12 @@ from athomic.messages import (
     H_ERROR,
     H_ERROR_SOURCE,
     H_HOP,
+    MessageHeaders,
     MessagePriority,
 )
 from athomic.settings import MessagingSettings
 from athomic.strategies import delay_headers
+from athomic.telemetry import RepublishSpan, Telemetry
 
 from .schedule import FINAL, Cascade, DueHeap, LatenessStats, OffsetTracker, next_step
 from .topics import ensure_topics
@@ -103,6 +105,7 @@ class BucketRepublisher:
         self.trackers: dict[TopicPartition, OffsetTracker] = {}
         self.wake_at: dict[TopicPartition, int] = {}
         self.lateness = LatenessStats()
+        self.telemetry = Telemetry.from_settings(settings)
         self.counts = {FINAL: 0, CASCADE: 0, DEAD_LETTER: 0, "skipped": 0, "aborted": 0}
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
@@ -162,6 +165,8 @@ class BucketRepublisher:
                 with contextlib.suppress(Exception):
                     await client.stop()
         self.consumer = self.producer = None
+        if len(self.heap):  # dropped here, read again from the committed progress
+            self.telemetry.add_delayed_held(-len(self.heap), delay_topic=self.topic)
         self.heap = DueHeap()
         self.trackers.clear()
         self.wake_at.clear()
@@ -229,6 +234,7 @@ class BucketRepublisher:
                 env = envelope.decode(record.value, self.keys)
             except MalformedEnvelopeError as exc:
                 tracker.read(record.offset)
+                self.telemetry.add_delayed_held(1, delay_topic=self.topic)
                 self.heap.push(now, Held(tp, record.offset, now, DEAD_LETTER, None,
                                          record=record, error=str(exc)))
                 continue
@@ -239,6 +245,7 @@ class BucketRepublisher:
                 self._pause(tp, record.offset, now + 50)
                 return
             tracker.read(record.offset)
+            self.telemetry.add_delayed_held(1, delay_topic=self.topic)
             step = next_step(self.buckets, env.hold_until_ms, env.deliver_at_ms,
                              max(now, env.hold_until_ms))
             if isinstance(step, Cascade):
@@ -249,8 +256,8 @@ class BucketRepublisher:
                                Held(tp, record.offset, env.deliver_at_ms, FINAL, env))
 
     # --- republishing ----------------------------------------------------------------------
-    def _outgoing(self, held: Held) -> tuple[str, bytes | None, bytes | None,
-                                             list[tuple[str, bytes]]]:
+    def _outgoing(self, held: Held, span: RepublishSpan | None = None
+                  ) -> tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]]:
         env = held.env
         if held.action == DEAD_LETTER or env is None:
             # The record as it was read (an undecodable one byte for byte), so it can be
@@ -272,6 +279,12 @@ class BucketRepublisher:
         headers = [h for h in env.headers if h[0] not in (H_DELIVER_AT, H_HOP)]
         headers += [(H_DELIVER_AT, str(env.deliver_at_ms).encode()),
                     (H_HOP, str(env.hop).encode())]
+        if span is not None:
+            trace_pairs = span.trace_headers()
+            if trace_pairs:  # the republish span continues the caller's trace
+                out = MessageHeaders.from_kafka(headers)
+                span.inject(out)
+                headers = out.to_kafka()
         return env.topic, env.key, env.value, headers
 
     def _fit_metadata(self, due: list[Held]) -> tuple[list[Held], list[Held]]:
@@ -306,11 +319,17 @@ class BucketRepublisher:
             finishing.setdefault(h.tp, []).append(h.offset)
         producer = self.producer
         failures: dict[int, BaseException] = {}
+        spans: dict[int, RepublishSpan] = {}
+        futures: list[Any] = []
         try:
             await producer.begin_transaction()
-            futures: list[Any] = []
             for i, h in enumerate(due):
-                topic, key, value, headers = self._outgoing(h)
+                span = None
+                if h.action == FINAL and h.env is not None:
+                    span = spans[i] = self.telemetry.start_republish(
+                        h.env.topic, h.env.headers, message_id=h.env.message_id,
+                        key=h.env.key, delay_topic=self.topic, hop=h.env.hop)
+                topic, key, value, headers = self._outgoing(h, span)
                 try:
                     futures.append(await producer.send(topic, value, key=key,
                                                        headers=headers))
@@ -328,18 +347,39 @@ class BucketRepublisher:
             await producer.send_offsets_to_transaction(offsets, self.group_id)
             await producer.commit_transaction()
         except ProducerFenced as exc:
+            self._end_spans(spans, exc)
             raise Fenced(str(exc)) from exc
         except (KafkaError, asyncio.TimeoutError, OSError) as exc:
+            self._end_spans(spans, exc)
             await self._abort(due, failures, exc)
             return
         committed = now_ms()
         self._backoff_s = 0.1
         for tp, offs in finishing.items():
             self.trackers[tp].finish(offs)
+        self.telemetry.add_delayed_held(-len(due), delay_topic=self.topic)
         for h in due:
             self.counts[h.action] += 1
             if h.action == FINAL and h.env is not None:
-                self.lateness.add((committed - h.env.deliver_at_ms) / 1000)
+                late = (committed - h.env.deliver_at_ms) / 1000
+                self.lateness.add(late)
+                self.telemetry.record_lateness(late, delay_topic=self.topic,
+                                               topic=h.env.topic)
+            elif h.action == DEAD_LETTER:
+                self.telemetry.record_dlq(
+                    source_topic=self.topic,
+                    error_type="MalformedEnvelopeError" if h.env is None else "PublishError")
+        self._end_spans(spans, None, results)
+
+    @staticmethod
+    def _end_spans(spans: dict[int, RepublishSpan], error: BaseException | None,
+                   results: list[Any] | None = None) -> None:
+        for i, span in spans.items():
+            if error is not None:
+                span.failed(error)
+            elif results is not None:
+                span.acked(results[i].partition, results[i].offset)
+            span.end()
 
     async def _abort(self, due: list[Held], failures: dict[int, BaseException],
                      exc: BaseException) -> None:
@@ -348,6 +388,7 @@ class BucketRepublisher:
         dead-letter topic after ``max_attempts``."""
         assert self.producer is not None
         self.counts["aborted"] += 1
+        self.telemetry.record_error(exc, operation="republish", topic=self.topic)
         log.warning("republish transaction of %d messages aborted: %r", len(due), exc)
         retry_at = now_ms() + round(self._backoff_s * 1000)
         self._backoff_s = min(self._backoff_s * 2, self.settings.republisher.retry_backoff_max_s)

@@ -52,10 +52,11 @@ class FakeActor:
 
 
 def make(**settings: Any) -> tuple[ProducerHandle, dict[str, list[FakeActor]]]:
-    lanes = {"high": [FakeActor()], "normal": [FakeActor(), FakeActor(), FakeActor()]}
-    s = MessagingSettings(**settings)
+    s = MessagingSettings(**{"lanes": {"normal": 3}, **settings})
+    lanes = {"high": [FakeActor() for _ in range(s.lanes.high)],
+             "normal": [FakeActor() for _ in range(s.lanes.normal)]}
     if s.lanes.low:
-        lanes["low"] = [FakeActor()]
+        lanes["low"] = [FakeActor() for _ in range(s.lanes.low)]
     return ProducerHandle(s, lanes), lanes
 
 
@@ -128,7 +129,7 @@ def test_lanes_by_priority() -> None:
     handle.publish.remote(topic="t", message=1, priority=MessagePriority.LOW)
     assert len(lanes["high"][0].calls) == 1
     assert sum(len(a.calls) for a in lanes["normal"]) == 1  # LOW shares NORMAL by default
-    handle2, lanes2 = make(lanes={"low": 1})
+    handle2, lanes2 = make(lanes={"normal": 3, "low": 1})
     handle2.publish.remote(topic="t", message=1, priority="low")
     assert len(lanes2["low"][0].calls) == 1
 
