@@ -32,7 +32,8 @@ typecheck:
 	.ci/typecheck
 
 bench: setup
-	$(PYTHON) benchmarks/run_all.py
+	cd benchmarks && for b in bench_publish bench_delay bench_pipeline bench_telemetry; do \
+	  $(PYTHON) $$b.py || exit 1; done
 
 kafka-start:
 	$(KAFKA_LOCAL) start

@@ -13,7 +13,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def start_kafka(default_port: str = "49192") -> tuple[str, Callable[[], None]]:
+def start_kafka(default_port: str = "29192") -> tuple[str, Callable[[], None]]:
     """KAFKA_BOOTSTRAP when set, else a kafka-local broker on ATHOMIC_BENCH_KAFKA_PORT
     (stopped by the returned function)."""
     existing = os.environ.get("KAFKA_BOOTSTRAP")

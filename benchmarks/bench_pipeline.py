@@ -13,7 +13,7 @@ the byte stages so JSON parsing is not counted twice.
 Part 2, end to end: 64 KiB JSON messages through ProducerFactory -> Kafka with
 compress + encrypt, inline vs on a StageActor pool of 2 replicas; messages/s and the
 ratio. Uses KAFKA_BOOTSTRAP when set, else starts deploy/kafka/kafka-local on
-ATHOMIC_BENCH_KAFKA_PORT (default 49192) and stops it afterwards.
+ATHOMIC_BENCH_KAFKA_PORT (default 29192) and stops it afterwards.
 
 Every figure is the median of --runs runs (default 5 for part 1, 3 for part 2).
 """

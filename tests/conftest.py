@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 KAFKA_LOCAL = ROOT / "deploy" / "kafka" / "kafka-local"
-TEST_PORT = int(os.environ.get("ATHOMIC_TEST_KAFKA_PORT", "39092"))
+TEST_PORT = int(os.environ.get("ATHOMIC_TEST_KAFKA_PORT", "19092"))
 
 
 @pytest.fixture(scope="session")

@@ -205,3 +205,44 @@ async def test_invalid_traceparent_is_ignored_and_starts_a_new_trace(
         (span,) = [s for s in spans if s["span_id"] == span_id]
         assert span["trace_id"] == trace_id and span["parent_span_id"] is None
     assert len({tp(r)[0] for r in records}) == 2  # two new traces
+
+
+async def test_delayed_message_keeps_the_callers_trace_through_the_republisher(
+        settings_factory: Any, kafka_bootstrap: str, topic: str, tmp_path: Path) -> None:
+    import uuid
+
+    path = tmp_path / "telemetry.jsonl"
+    tag = uuid.uuid4().hex[:8]
+    delay_topics = {1: f"delay.{tag}.1s", 2: f"delay.{tag}.2s"}
+    settings = settings_factory(
+        delay_topics=delay_topics, republisher={"partitions": 1},
+        telemetry={"exporter": "file", "file_path": str(path),
+                   "metric_export_interval_s": 3600})
+    producer = ProducerFactory.create(settings)
+    tracer = TracerProvider().get_tracer("caller")
+    with tracer.start_as_current_span("caller") as caller:
+        assert ray.get(producer.publish.remote(topic=topic, message={"later": 1}, key="u1",
+                                               delay_seconds=3.5)) \
+            is PublishingOutcome.SUCCESS_DELAYED
+    trace_id, caller_span = hexids(caller)
+    (record,) = await read_records(kafka_bootstrap, topic, 1, timeout=30)
+    assert tp(record)[0] == trace_id  # the final record is in the caller's trace
+    assert extract_context(record.headers).lineage.hop == 2
+
+    ProducerFactory.shutdown(settings.connection_name)  # flushes every actor's exporter
+    spans, metrics = exported(path)
+    (publish,) = [s for s in spans if s["name"] == f"publish {topic}"]
+    (republish,) = [s for s in spans if s["name"] == f"republish {topic}"]
+    assert (publish["trace_id"], publish["parent_span_id"]) == (trace_id, caller_span)
+    assert (republish["trace_id"], republish["parent_span_id"]) == \
+        (trace_id, publish["span_id"])
+    assert republish["kind"] == "PRODUCER"
+    assert tp(record)[1] == republish["span_id"]
+    assert republish["attributes"]["messaging.destination.partition.id"] == \
+        str(record.partition)
+    assert republish["attributes"]["messaging.kafka.offset"] == record.offset
+    late = [m for m in metrics if m["name"] == "athomic.delay.lateness"
+            and m["attributes"].get("messaging.destination.name") == topic]
+    assert sum(m["count"] for m in late) == 1
+    held = [m for m in metrics if m["name"] == "athomic.delay.held"]
+    assert held and sum(m["value"] for m in held) == 0  # read, then released
