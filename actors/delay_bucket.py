@@ -36,7 +36,7 @@ class DelayBucketActor:
         self.settings = settings
         self.republisher = BucketRepublisher(settings, topic, replica, replicas)
         self._fingerprint = settings.fingerprint()
-        self._ready = asyncio.Event() if autostart else None
+        self._ready = asyncio.Event()
         self._error: AthomicError | None = None
         self._fenced = False
         self._restarts = 0
@@ -47,8 +47,6 @@ class DelayBucketActor:
     async def run_forever(self) -> None:
         """Start, run, and on a failure start again from the committed progress."""
         backoff = 0.5
-        if self._ready is None:
-            self._ready = asyncio.Event()
         while not self.republisher.stopping:
             try:
                 await self.republisher.start()
@@ -82,7 +80,6 @@ class DelayBucketActor:
     async def ready(self, timeout_s: float = 60.0) -> dict[str, Any]:
         """Wait until the loop runs; raise the start error (ConfigurationError for a topic
         that would lose data, MessagingConnectionError when the brokers stay away)."""
-        assert self._ready is not None
         deadline = time.monotonic() + timeout_s
         while True:
             with contextlib.suppress(asyncio.TimeoutError):

@@ -192,17 +192,12 @@ class ProducerActor:
             prepared.append((record, strategy.outcome))
         return prepared
 
-    async def _send_all(self, prepared: list[tuple[OutgoingRecord, PublishingOutcome]]
-                        ) -> list[BaseException | None]:
-        """Send every record, then await every acknowledgement within the delivery timeout
-        (an idempotent aiokafka producer would otherwise retry a lost quorum forever)."""
-        return [r if isinstance(r, BaseException) else None
-                for r in await self._deliver(prepared)]
-
     async def _deliver(self, prepared: list[tuple[OutgoingRecord, PublishingOutcome]]
                        ) -> list[Any]:
-        """``_send_all``, keeping what the broker returned: per record, its metadata
-        (``partition``, ``offset``) or the exception it failed with."""
+        """Send every record, then await every acknowledgement within the delivery timeout
+        (an idempotent aiokafka producer would otherwise retry a lost quorum forever).
+        Returns, per record, its metadata (``partition``, ``offset``) or the exception it
+        failed with."""
         producer = await self._ensure_started()
         timeout = self.settings.producer.delivery_timeout_ms / 1000
         start = asyncio.get_running_loop().time()

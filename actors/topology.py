@@ -41,6 +41,13 @@ def _lane_sizes(settings: MessagingSettings) -> dict[str, int]:
     return sizes
 
 
+def _named(name: str) -> dict[str, Any]:
+    """Options every athomic actor has: found again by name from any process, outliving
+    the driver that created it, restarted by Ray without limit."""
+    return {"name": name, "namespace": NAMESPACE, "lifetime": "detached",
+            "get_if_exists": True, "max_restarts": -1}
+
+
 def ensure_ray() -> None:
     if not ray.is_initialized():
         ray.init(namespace=NAMESPACE, log_to_driver=False)
@@ -71,19 +78,12 @@ def apply_producers(settings: MessagingSettings) -> dict[str, list[Any]]:
     remote_cls = ray.remote(ProducerActor)
     lanes: dict[str, list[Any]] = {}
     for lane, count in _lane_sizes(settings).items():
+        # A call caught by an actor or node failure is retried on the restarted actor,
+        # with the same message id: at-least-once, deduplicable.
         lanes[lane] = [
-            remote_cls.options(
-                name=producer_actor_name(settings.connection_name, lane, i),
-                namespace=NAMESPACE,
-                lifetime="detached",
-                get_if_exists=True,
-                max_restarts=-1,
-                # A call caught by an actor or node failure is retried on the restarted
-                # actor, with the same message id: at-least-once, deduplicable.
-                max_task_retries=-1,
-                num_cpus=settings.lanes.actor_num_cpus,
-                max_concurrency=10_000,
-            ).remote(settings, lane, i, stage_actors)
+            remote_cls.options(**_named(producer_actor_name(settings.connection_name, lane, i)),
+                               max_task_retries=-1, num_cpus=settings.lanes.actor_num_cpus,
+                               max_concurrency=10_000).remote(settings, lane, i, stage_actors)
             for i in range(count)
         ]
     _check_fingerprints(settings, [a for group in lanes.values() for a in group]
@@ -113,18 +113,11 @@ def apply_republisher(settings: MessagingSettings, *, timeout_s: float = 120.0
     ensure_ray()
     remote_cls = ray.remote(DelayBucketActor)
     replicas = settings.republisher.replicas
+    # ready/stats/stop are idempotent: safe to retry on a restarted actor.
     actors: list[Any] = [
-        remote_cls.options(
-            name=delay_actor_name(settings.connection_name, topic, i),
-            namespace=NAMESPACE,
-            lifetime="detached",
-            get_if_exists=True,
-            max_restarts=-1,
-            # ready/stats/stop are idempotent: safe to retry on a restarted actor.
-            max_task_retries=-1,
-            num_cpus=settings.republisher.actor_num_cpus,
-            scheduling_strategy="SPREAD",
-        ).remote(settings, topic, i, replicas)
+        remote_cls.options(**_named(delay_actor_name(settings.connection_name, topic, i)),
+                           max_task_retries=-1, num_cpus=settings.republisher.actor_num_cpus,
+                           scheduling_strategy="SPREAD").remote(settings, topic, i, replicas)
         for topic in settings.delay_topics.values()
         for i in range(replicas)
     ]
@@ -142,17 +135,10 @@ def apply_stage_actors(settings: MessagingSettings) -> list[Any]:
     if not specs:
         return []
     remote_cls = ray.remote(StageActor)
+    # Encoding is a pure function of its input: retrying after a restart is safe.
     return [
-        remote_cls.options(
-            name=stage_actor_name(settings.connection_name, i),
-            namespace=NAMESPACE,
-            lifetime="detached",
-            get_if_exists=True,
-            max_restarts=-1,
-            # Encoding is a pure function of its input: retrying after a restart is safe.
-            max_task_retries=3,
-            num_cpus=1,
-        ).remote(settings, i)
+        remote_cls.options(**_named(stage_actor_name(settings.connection_name, i)),
+                           max_task_retries=3, num_cpus=1).remote(settings, i)
         for i in range(specs[0].replicas)
     ]
 

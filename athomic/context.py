@@ -212,13 +212,8 @@ def _as_headers(headers: Any) -> MessageHeaders:
     """Record headers in any form (aiokafka's pairs, a list, a mapping, MessageHeaders)."""
     if isinstance(headers, MessageHeaders):
         return headers
-    pairs = headers.items() if isinstance(headers, Mapping) else headers or ()
-    out = MessageHeaders()
-    for key, value in pairs:
-        if isinstance(value, str):
-            value = value.encode("utf-8")
-        out.add(str(key), bytes(value or b""))
-    return out
+    return MessageHeaders.from_kafka(headers.items() if isinstance(headers, Mapping)
+                                     else headers)
 
 
 def _context_names() -> dict[str, str]:

@@ -106,28 +106,9 @@ def encode(env: Envelope, keys: EnvelopeKeys | None = None) -> bytes:
     return body + bytes([len(key_id)]) + key_id + nonce + tag
 
 
-class _Reader:
-    __slots__ = ("buf", "pos")
-
-    def __init__(self, buf: bytes) -> None:
-        self.buf = buf
-        self.pos = 0
-
-    def take(self, n: int, what: str) -> bytes:
-        end = self.pos + n
-        if end > len(self.buf):
-            raise MalformedEnvelopeError(
-                f"envelope truncated in {what}: needs {n} bytes at {self.pos}, "
-                f"has {len(self.buf) - self.pos}")
-        out = self.buf[self.pos:end]
-        self.pos = end
-        return out
-
-    def u16(self, what: str) -> int:
-        return int(_U16.unpack(self.take(2, what))[0])
-
-    def u32(self, what: str) -> int:
-        return int(_U32.unpack(self.take(4, what))[0])
+def _truncated(what: str, need: int, pos: int, size: int) -> MalformedEnvelopeError:
+    return MalformedEnvelopeError(
+        f"envelope truncated in {what}: needs {need} bytes at {pos}, has {size - pos}")
 
 
 def decode(data: bytes, keys: EnvelopeKeys | None = None) -> Envelope:
@@ -135,9 +116,10 @@ def decode(data: bytes, keys: EnvelopeKeys | None = None) -> Envelope:
     are given, for a missing or wrong authentication tag)."""
     if not isinstance(data, (bytes, bytearray)) or len(data) < _FIXED.size:
         raise MalformedEnvelopeError("not a delay envelope: too short")
-    r = _Reader(bytes(data))
+    buf = bytes(data)
+    size = len(buf)
     magic, version, flags, prio, hop, deliver_at, hold_until, published, mid = \
-        _FIXED.unpack(r.take(_FIXED.size, "fixed fields"))
+        _FIXED.unpack_from(buf, 0)
     if magic != MAGIC:
         raise MalformedEnvelopeError("not a delay envelope: bad magic")
     if version != VERSION:
@@ -146,40 +128,77 @@ def decode(data: bytes, keys: EnvelopeKeys | None = None) -> Envelope:
         raise MalformedEnvelopeError(f"unknown envelope flags {flags:#x}")
     if prio not in _PRIORITY_OF or hop == 0:
         raise MalformedEnvelopeError("envelope priority or hop out of range")
+    pos = _FIXED.size
+    # Each length is checked against what is left before anything is sliced, so a
+    # corrupt length can neither read past the end nor allocate more than the input.
     try:
-        topic = r.take(r.u16("topic length"), "topic").decode()
+        (n,) = _U16.unpack_from(buf, pos)
+        pos += 2
+        if pos + n > size:
+            raise _truncated("topic", n, pos, size)
+        topic = buf[pos:pos + n].decode()
+        pos += n
+        key = None
+        if not flags & _F_NULL_KEY:
+            (n,) = _U32.unpack_from(buf, pos)
+            pos += 4
+            if pos + n > size:
+                raise _truncated("key", n, pos, size)
+            key = buf[pos:pos + n]
+            pos += n
+        (count,) = _U16.unpack_from(buf, pos)
+        pos += 2
+        if count > MAX_HEADERS:
+            raise MalformedEnvelopeError(f"envelope has {count} headers (max {MAX_HEADERS})")
+        headers = []
+        for _ in range(count):
+            (n,) = _U16.unpack_from(buf, pos)
+            pos += 2
+            if pos + n > size:
+                raise _truncated("header key", n, pos, size)
+            hk = buf[pos:pos + n].decode()
+            pos += n
+            (n,) = _U32.unpack_from(buf, pos)
+            pos += 4
+            if pos + n > size:
+                raise _truncated("header value", n, pos, size)
+            headers.append((hk, buf[pos:pos + n]))
+            pos += n
+        value = None
+        if not flags & _F_NULL_VALUE:
+            (n,) = _U32.unpack_from(buf, pos)
+            pos += 4
+            if pos + n > size:
+                raise _truncated("value", n, pos, size)
+            value = buf[pos:pos + n]
+            pos += n
+        body_end = pos
+        if flags & _F_AUTH:
+            n = buf[pos] if pos < size else 0
+            pos += 1
+            if pos + n + 28 > size:
+                raise _truncated("authentication", n + 28, pos, size)
+            key_id = buf[pos:pos + n].decode("ascii", "replace")
+            nonce, tag = buf[pos + n:pos + n + 12], buf[pos + n + 12:pos + n + 28]
+            pos += n + 28
+    except struct.error:
+        raise MalformedEnvelopeError(f"envelope truncated at byte {pos}") from None
     except UnicodeDecodeError:
-        raise MalformedEnvelopeError("envelope topic is not UTF-8") from None
-    key = None if flags & _F_NULL_KEY else r.take(r.u32("key length"), "key")
-    count = r.u16("header count")
-    if count > MAX_HEADERS:
-        raise MalformedEnvelopeError(f"envelope has {count} headers (max {MAX_HEADERS})")
-    headers = []
-    for _ in range(count):
-        try:
-            hk = r.take(r.u16("header key length"), "header key").decode()
-        except UnicodeDecodeError:
-            raise MalformedEnvelopeError("envelope header key is not UTF-8") from None
-        headers.append((hk, r.take(r.u32("header value length"), "header value")))
-    value = None if flags & _F_NULL_VALUE else r.take(r.u32("value length"), "value")
-    body_end = r.pos
+        raise MalformedEnvelopeError("envelope topic or header key is not UTF-8") from None
     if flags & _F_AUTH:
-        key_id = r.take(r.take(1, "key id length")[0], "key id").decode("ascii", "replace")
-        nonce = r.take(12, "nonce")
-        tag = r.take(16, "tag")
         if keys is None:
             raise MalformedEnvelopeError("envelope is authenticated but no key ring is set")
         secret = keys.keys.get(key_id)
         if secret is None:
             raise MalformedEnvelopeError(f"envelope signed with unknown key id {key_id!r}")
         try:
-            AESGCM(secret).decrypt(nonce, tag, AUTH_LABEL + r.buf[:body_end])
+            AESGCM(secret).decrypt(nonce, tag, AUTH_LABEL + buf[:body_end])
         except InvalidTag:
             raise MalformedEnvelopeError("envelope authentication failed (tampered)") from None
     elif keys is not None:
         raise MalformedEnvelopeError("envelope is not authenticated but a key ring is set")
-    if r.pos != len(r.buf):
-        raise MalformedEnvelopeError(f"{len(r.buf) - r.pos} trailing bytes after envelope")
+    if pos != size:
+        raise MalformedEnvelopeError(f"{size - pos} trailing bytes after envelope")
     return Envelope(topic=topic, key=key, value=value, headers=tuple(headers),
                     deliver_at_ms=deliver_at, hold_until_ms=hold_until,
                     published_ms=published, hop=hop, priority=_PRIORITY_OF[prio],

@@ -152,15 +152,8 @@ class MessageHeaders:
                  remove: Iterable[str] = ()) -> None:
         """``set`` each pair and drop every key in ``remove``, in one pass."""
         checked = [self._check(k, v) for k, v in pairs]
-        self.replace(frozenset(k for k, _ in checked).union(remove), checked)
-
-    def replace(self, keys: frozenset[str], pairs: list[tuple[str, bytes]]) -> None:
-        """Drop every value of ``keys``, then append ``pairs``, which must already be
-        ``(str, bytes)`` (e.g. ``other.items()``): ``set_many`` without the checks, for the
-        same pairs applied to every message of a batch."""
-        items = [kv for kv in self._items if kv[0] not in keys]
-        items += pairs
-        self._items = items
+        drop = frozenset(k for k, _ in checked).union(remove)
+        self._items = [kv for kv in self._items if kv[0] not in drop] + checked
 
     def setdefault(self, key: str, value: HeaderValue) -> None:
         if key not in self:
@@ -175,11 +168,6 @@ class MessageHeaders:
     def get_str(self, key: str, default: str | None = None) -> str | None:
         value = self.get(key)
         return default if value is None else value.decode("utf-8", "replace")
-
-    def last(self, *keys: str) -> tuple[bytes | None, ...]:
-        """The last value of each of ``keys`` (None where absent), in one pass."""
-        found = {k: v for k, v in self._items if k in keys}  # later pairs win
-        return tuple(map(found.get, keys))
 
     def get_all(self, key: str) -> list[bytes]:
         return [v for k, v in self._items if k == key]
@@ -254,7 +242,8 @@ class MessageHeaders:
         as empty bytes)."""
         headers = cls()
         for key, value in pairs or ():
-            headers._items.append((key, value or b""))
+            headers._items.append(
+                (key, value.encode() if isinstance(value, str) else bytes(value or b"")))
         return headers
 
 

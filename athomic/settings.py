@@ -387,13 +387,19 @@ class RepublisherSettings(_Section):
     retention_margin_s: float = Field(86_400.0, ge=0)
     """A delay topic must keep records at least bucket + this long; a shorter retention
     is refused at start. Created topics keep them max(7 days, 2 x (bucket + margin))."""
-    near_window_s: float = Field(1.0, gt=0, le=60)
-    """Messages due within this window are read ahead and held in memory, so they go out
-    at their due time; further ones wait in Kafka (their partition paused)."""
+    near_window_s: float = Field(2.0, gt=0, le=60)
+    """Messages leaving a delay topic within this window are read ahead, and messages due
+    within it after leaving one are held in memory until due instead of taking one more
+    hop; further ones wait in Kafka (their partition paused). Larger: fewer hops and
+    transactions, more memory (about rate x window messages)."""
     max_held: int = Field(100_000, ge=100)
     """Messages a DelayBucketActor holds in memory at most; it pauses reading beyond."""
     max_batch: int = Field(5_000, ge=1)
     """Messages republished per Kafka transaction at most."""
+    linger_ms: int = Field(50, ge=0, le=1000)
+    """A republish transaction starts at most every ``linger_ms``: messages falling due in
+    between go out together, at most that much after their due time, so the brokers handle
+    fewer, larger transactions (each costs a commit marker on every partition it wrote)."""
     dead_letter_topic: str = "athomic.delay.dlq"
     """Where envelopes that cannot be decoded, and messages that cannot be delivered for a
     non-retriable reason, go (with the error in a header)."""

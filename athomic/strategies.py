@@ -62,7 +62,7 @@ def physical_topic(topic: str, priority: MessagePriority, priority_topics: bool)
 
 
 _OWNED = frozenset({H_MESSAGE_ID, H_PRIORITY, H_PUBLISHED_AT, H_CONTENT_TYPE, H_SCHEMA,
-                    *PIPELINE_HEADERS})
+                    H_DELIVER_AT, H_HOP, *PIPELINE_HEADERS})
 
 
 def final_headers(request: PublishRequest, encoded: Encoded) -> list[tuple[str, bytes]]:
@@ -95,8 +95,12 @@ class DirectPublishStrategy:
         return physical_topic(request.topic, request.priority, self._priority_topics)
 
     def build(self, request: PublishRequest, encoded: Encoded) -> OutgoingRecord:
-        return OutgoingRecord(self.topic_for(request), request.key, encoded.value,
-                              final_headers(request, encoded))
+        headers = final_headers(request, encoded)
+        if request.deliver_at is not None:
+            # Asked for a delay, but due by the time it reached the producer: it goes out
+            # now, still saying when it was due.
+            headers.append((H_DELIVER_AT, str(ms_ceil(request.deliver_at)).encode()))
+        return OutgoingRecord(self.topic_for(request), request.key, encoded.value, headers)
 
 
 def ms_ceil(seconds: float) -> int:
@@ -122,7 +126,8 @@ class DelayedPublishStrategy:
         self._keys = keys
 
     def build(self, request: PublishRequest, encoded: Encoded) -> OutgoingRecord:
-        assert request.deliver_at is not None
+        if request.deliver_at is None:
+            raise ValueError("a delayed publish needs a due time")
         deliver_at_ms = ms_ceil(request.deliver_at)  # rounding up: never early
         published_ms = int(request.published_at * 1000)
         bucket, hold_until_ms = first_hop(self._buckets, published_ms, deliver_at_ms)

@@ -332,6 +332,7 @@ class Telemetry:
         if client_id:
             self._static[MESSAGING_CLIENT_ID] = client_id
         self.tracer: Tracer | None = None
+        self._global_tracing = tracer_provider is None
         if settings.traces:
             provider = tracer_provider or trace.get_tracer_provider()
             self.tracer = provider.get_tracer(INSTRUMENTATION)
@@ -498,7 +499,7 @@ class Telemetry:
         delivered to its final ``topic``. Its parent is the trace context in ``headers``
         (the message's stored headers, in any form), so it continues the caller's trace;
         an invalid or missing traceparent starts a new trace. End it with ``end()``."""
-        if self.tracer is None:
+        if self.tracer is None or not self._tracing_installed():
             return RepublishSpan(None)
         parent = propagate.extract(_as_headers(headers), getter=HEADERS_GETTER)
         attrs = dict(self._static)
@@ -515,6 +516,16 @@ class Telemetry:
             attrs[ATHOMIC_HOP] = hop
         return RepublishSpan(self.tracer.start_span(
             f"{REPUBLISH} {topic}", context=parent, kind=SpanKind.PRODUCER, attributes=attrs))
+
+    def _tracing_installed(self) -> bool:
+        """False while spans would go nowhere: no provider of ours and no SDK installed in
+        this process (the API's default). Checked per call, since an application may
+        install its SDK after athomic starts; skipping saves the header parsing a span
+        per delayed message would cost."""
+        if not self._global_tracing:
+            return True
+        return not isinstance(trace.get_tracer_provider(),
+                              (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
 
     @contextlib.contextmanager
     def republish_span(self, topic: str, headers: Any, *, message_id: str | None = None,

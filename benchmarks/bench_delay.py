@@ -68,14 +68,16 @@ def consume(bootstrap: str, topic: str, expected: int, timeout: float, out: Any)
     out.put(asyncio.run(run()))
 
 
-def lateness(bootstrap: str, rate: int, seconds: int) -> dict[str, Any]:
+def lateness(bootstrap: str, rate: int, seconds: int, near: float | None = None
+             ) -> dict[str, Any]:
     import ray
 
     tag = uuid.uuid4().hex[:6]
     buckets = {1: f"bench.delay.{tag}.1s", 2: f"bench.delay.{tag}.2s",
                4: f"bench.delay.{tag}.4s", 8: f"bench.delay.{tag}.8s"}
-    settings = MessagingSettings(bootstrap_servers=bootstrap, connection_name=f"bd{tag}",
-                                 delay_topics=buckets)
+    settings = MessagingSettings(
+        bootstrap_servers=bootstrap, connection_name=f"bd{tag}", delay_topics=buckets,
+        republisher={} if near is None else {"near_window_s": near})
     handle = ProducerFactory.create(settings)
     final = f"bench.final.{tag}"
     total = rate * seconds
@@ -130,7 +132,8 @@ async def backlog(bootstrap: str, n: int) -> tuple[MessagingSettings, str]:
     from athomic.messages import MessagePriority, PublishRequest, new_message_ids
 
     actor = ProducerActor(settings)
-    due = time.time() + 1.0
+    # due only once every message is in the delay topic (one due after it would go direct)
+    due = time.time() + 5.0 + n / 5000
     now = time.time()
     body = orjson.dumps({"pad": "x" * 200})
     for lo in range(0, n, 5000):
@@ -152,6 +155,8 @@ async def ours(settings: MessagingSettings, topic: str, n: int) -> float:
     await worker.ready(60)
     start = time.perf_counter()
     while worker.republisher.counts["final"] < n:
+        if time.perf_counter() - start > 300:
+            raise RuntimeError(f"republished {worker.republisher.counts} of {n} in 300 s")
         await asyncio.sleep(0.005)
     elapsed = time.perf_counter() - start
     worker.republisher.stop()
@@ -178,7 +183,10 @@ async def baseline(bootstrap: str, topic: str, n: int) -> float:
     done = 0
     start = None
     try:
+        deadline = time.perf_counter() + 300
         while done < n:
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"baseline read {done} of {n} in 300 s")
             batch = await consumer.getmany(timeout_ms=200, max_records=5000)
             if not batch:
                 continue

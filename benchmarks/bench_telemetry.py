@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,23 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def start_kafka() -> tuple[str, Callable[[], None]]:
-    existing = os.environ.get("KAFKA_BOOTSTRAP")
-    if existing:
-        return existing, lambda: None
-    port = os.environ.get("ATHOMIC_BENCH_KAFKA_PORT", "49292")
-    script = str(ROOT / "deploy" / "kafka" / "kafka-local")
-    out = subprocess.run([script, "start", "--port", port], check=True, capture_output=True,
-                         text=True, timeout=600)
-
-    def stop() -> None:
-        subprocess.run([script, "stop", "--port", port], capture_output=True, timeout=120)
-
-    return out.stdout.strip().splitlines()[-1], stop
+from _bench import start_kafka
 
 
 def event(i: int) -> dict[str, Any]:
@@ -135,8 +118,9 @@ def micro(messages: int, runs: int) -> dict[str, float]:
 
     def span_per_message(requests: list[Any]) -> None:
         spans = []
-        for r in requests:
-            parent = propagate.extract(r.headers, getter=HEADERS_GETTER)
+        for i, r in enumerate(requests):
+            parent = propagate.extract(MessageHeaders.from_kafka(r.headers),
+                                       getter=HEADERS_GETTER)
             span = tracer.start_span("publish bench", context=parent,
                                      kind=trace.SpanKind.PRODUCER,
                                      attributes={"messaging.system": "kafka",
@@ -144,7 +128,9 @@ def micro(messages: int, runs: int) -> dict[str, float]:
             carrier = MessageHeaders()
             propagate.inject(carrier, context=trace.set_span_in_context(span, Context()),
                              setter=HEADERS_SETTER)
-            r.headers.set_many(carrier.items())
+            keys = {k for k, _ in carrier.items()}
+            requests[i] = r._replace(
+                headers=[h for h in r.headers if h[0] not in keys] + carrier.items())
             spans.append(span)
         for r in requests:
             direct.build(r, Encoded(r.value, []))

@@ -100,6 +100,7 @@ class BucketRepublisher:
         smallest = self.bucket_s == self.buckets[0]
         self.read_ahead_ms = round(1000 * (max(rep.near_window_s, self.bucket_s)
                                            if smallest else rep.near_window_s))
+        self.near_window_s = rep.near_window_s
         self.keys = envelope.envelope_keys(settings.pipeline)
         self.heap: DueHeap[Held] = DueHeap()
         self.trackers: dict[TopicPartition, OffsetTracker] = {}
@@ -112,6 +113,7 @@ class BucketRepublisher:
         self.running = False
         self._stopping = False
         self._backoff_s = 0.1
+        self._next_txn_ms = 0
 
     # --- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -182,18 +184,21 @@ class BucketRepublisher:
     async def run(self) -> None:
         """Run until ``stop()``; raises Fenced when another instance took over."""
         assert self.consumer is not None
+        linger = self.settings.republisher.linger_ms
         while not self._stopping:
             now = now_ms()
-            due = self.heap.pop_due(now, self.settings.republisher.max_batch)
-            if due:
-                await self._republish(due)
-                continue
+            if now >= self._next_txn_ms:
+                due = self.heap.pop_due(now, self.settings.republisher.max_batch)
+                if due:
+                    self._next_txn_ms = now + linger
+                    await self._republish(due)
+                    continue
             self._wake(now)
             active = [tp for tp in self.trackers if tp not in self.consumer.paused()]
             wait_ms = 200
             next_due = self.heap.next_due()
             if next_due is not None:
-                wait_ms = min(wait_ms, next_due - now)
+                wait_ms = min(wait_ms, max(next_due, self._next_txn_ms) - now)
             if self.wake_at:
                 wait_ms = min(wait_ms, min(self.wake_at.values()) - now)
             wait_ms = max(wait_ms, 0)
@@ -247,7 +252,7 @@ class BucketRepublisher:
             tracker.read(record.offset)
             self.telemetry.add_delayed_held(1, delay_topic=self.topic)
             step = next_step(self.buckets, env.hold_until_ms, env.deliver_at_ms,
-                             max(now, env.hold_until_ms))
+                             max(now, env.hold_until_ms), self.near_window_s)
             if isinstance(step, Cascade):
                 self.heap.push(env.hold_until_ms,
                                Held(tp, record.offset, env.hold_until_ms, CASCADE, env, step))

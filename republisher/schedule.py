@@ -56,17 +56,20 @@ FINAL = "final"
 
 
 def next_step(buckets: Sequence[float], hold_until_ms: int, deliver_at_ms: int,
-              now_ms: int) -> Cascade | str:
+              now_ms: int, hold_final_s: float = 0.0) -> Cascade | str:
     """What to do with a message leaving a bucket: cascade to a shorter bucket, or
     ``FINAL`` (hold in memory until ``deliver_at_ms``, then publish to the final topic).
 
-    A message already late (its due time passed, e.g. after an outage) goes final at once
-    rather than through more buckets.
+    A message due less than ``hold_final_s`` after leaving goes final from memory rather
+    than through one more delay topic (a hop costs a produce, a consume and a share of a
+    transaction). A message already late (its due time passed, e.g. after an outage) goes
+    final at once rather than through more buckets.
     """
     if deliver_at_ms <= now_ms:
         return FINAL
-    bucket = choose_bucket(buckets, (deliver_at_ms - hold_until_ms) / 1000)
-    if bucket is None:
+    remaining_s = (deliver_at_ms - hold_until_ms) / 1000
+    bucket = choose_bucket(buckets, remaining_s)
+    if bucket is None or remaining_s < hold_final_s:
         return FINAL
     return Cascade(bucket, min(deliver_at_ms, hold_until_ms + round(bucket * 1000)))
 
@@ -90,14 +93,6 @@ class DueHeap(Generic[T]):
         while self._heap and self._heap[0][0] <= now_ms and len(out) < limit:
             out.append(heapq.heappop(self._heap)[2])
         return out
-
-    def remove_where(self, predicate: object) -> int:
-        """Drop items for which ``predicate(item)`` is true; returns how many."""
-        keep = [e for e in self._heap if not predicate(e[2])]  # type: ignore[operator]
-        dropped = len(self._heap) - len(keep)
-        heapq.heapify(keep)
-        self._heap = keep
-        return dropped
 
     def __len__(self) -> int:
         return len(self._heap)

@@ -89,7 +89,7 @@ def test_due_heap_orders_by_time_then_insertion() -> None:
     assert heap.next_due() == 10
     assert heap.pop_due(20, 10) == ["a", "b1", "b2"]
     assert heap.pop_due(25, 10) == [] and len(heap) == 1
-    assert heap.remove_where(lambda item: item == "c") == 1 and len(heap) == 0
+    assert heap.pop_due(30, 10) == ["c"] and heap.next_due() is None
 
 
 def test_done_bitmap_round_trip() -> None:

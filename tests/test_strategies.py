@@ -33,3 +33,34 @@ def test_direct_record_owns_id_priority_and_pipeline_headers() -> None:
     assert h["athomic-priority"] == b"high"
     assert h["content-encoding"] == b"zstd" and h["x"] == b"1"
     assert record.size() > len(b"zz") + len(b"k")
+
+
+def test_delayed_record_is_an_envelope_in_the_right_bucket() -> None:
+    from athomic.envelope import decode
+    from athomic.strategies import DelayedPublishStrategy
+
+    settings = MessagingSettings(delay_topics={1: "d1", 10: "d10", 60: "d60"})
+    mid = "01890a5d-ac96-774b-bcce-b302099a8057"
+    req = request()._replace(published_at=1000.0, deliver_at=1000.0 + 25.5, message_id=mid)
+    record = DelayedPublishStrategy(settings).build(req, Encoded(b"zz", []))
+    assert record.topic == "d10" and record.key == b"k"
+    env = decode(record.value or b"")
+    assert (env.topic, env.key, env.value, env.hop) == ("orders", b"k", b"zz", 1)
+    assert (env.deliver_at_ms, env.hold_until_ms) == (1_025_500, 1_010_000)
+    assert env.message_id == mid
+    assert MessageHeaders(list(env.headers))["message-id"] == mid.encode()
+    assert MessageHeaders(record.headers)["athomic-deliver-at"] == b"1025500"
+
+
+def test_due_before_reaching_the_producer_goes_direct_saying_when_it_was_due() -> None:
+    from athomic.actors.producer import ProducerActor
+
+    actor = ProducerActor(MessagingSettings(delay_topics={1: "d1"}))
+    late = request()._replace(deliver_at=999.0)
+    assert actor.strategy_for(late, now=1000.0) is actor.direct
+    assert actor.strategy_for(late, now=998.0) is actor.delayed
+    record = actor.direct.build(late, Encoded(b"{}", []))
+    assert MessageHeaders(record.headers)["athomic-deliver-at"] == b"999000"
+    spoof = request()._replace(headers=[("athomic-hop", b"7"), ("athomic-deliver-at", b"1")])
+    assert "athomic-hop" not in MessageHeaders(
+        actor.direct.build(spoof, Encoded(b"{}", [])).headers)

@@ -215,7 +215,8 @@ async def test_delayed_message_keeps_the_callers_trace_through_the_republisher(
     tag = uuid.uuid4().hex[:8]
     delay_topics = {1: f"delay.{tag}.1s", 2: f"delay.{tag}.2s"}
     settings = settings_factory(
-        delay_topics=delay_topics, republisher={"partitions": 1},
+        # a small near window: the message takes two hops (2 s, then 1 s) before delivery
+        delay_topics=delay_topics, republisher={"partitions": 1, "near_window_s": 0.5},
         telemetry={"exporter": "file", "file_path": str(path),
                    "metric_export_interval_s": 3600})
     producer = ProducerFactory.create(settings)
