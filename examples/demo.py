@@ -91,7 +91,10 @@ def main() -> None:
         if started:
             stop_kafka()
 
-    decoded = [decode_record(r, settings) for r in got_events]
+    first = next(r for r in got_events if r.key == b"user-1")
+    user = decode_record(first, settings, model=UserCreated)
+    logins = [decode_record(r, settings) for r in got_events if r.key != b"user-1"]
+    zstd = sum(1 for r in got_events if dict(r.headers).get("content-encoding") == b"zstd")
     lateness = []
     for r in got_notes:
         h = dict(r.headers)
@@ -103,8 +106,9 @@ def main() -> None:
           f"(actors ready in {ready_s:.1f}s)")
     print("-" * 78)
     print(f"immediate  5 events -> {events}")
-    print(f"           read back {len(got_events)}, decoded: {decoded[0]}")
-    print(f"           headers: {sorted(k for k, _ in got_events[0].headers)}")
+    print(f"           read back {len(got_events)}; user-1 decoded as {user!r}")
+    print(f"           {len(logins)} login events decoded, {zstd} of 5 compressed (zstd); "
+          f"headers: {', '.join(sorted(k for k, _ in first.headers))}")
     print(f"delayed    {len(delayed)} notifications -> {notes} (delays 1.5..9 s, one by "
           "deliver_at)")
     print(f"           read back {len(got_notes)}; early: "
