@@ -28,7 +28,7 @@ from .errors import (
 from .messages import MessageHeaders, MessagePriority, PublishingOutcome
 from .pipeline import decode_message, decode_record
 from .settings import MessagingSettings
-from .strategies import DirectPublishStrategy
+from .strategies import DelayedPublishStrategy, DirectPublishStrategy
 
 __version__ = "0.1.0"
 
@@ -39,6 +39,7 @@ __all__ = [
     "ConfigurationError",
     "DecryptionError",
     # types
+    "DelayedPublishStrategy",
     "DirectPublishStrategy",
     "EncryptionError",
     "InvalidDelayError",

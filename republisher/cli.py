@@ -7,11 +7,14 @@ import asyncio
 import contextlib
 import json
 import signal
+import sys
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 
+from athomic.errors import AthomicError, MessagingConnectionError
 from athomic.settings import MessagingSettings
 
 
@@ -33,13 +36,17 @@ def add_commands(sub: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    settings = MessagingSettings.from_toml(args.config)
-    if not settings.delay_topics:
-        print("no delay_topics configured: nothing to republish")
+    try:
+        settings = MessagingSettings.from_toml(args.config)
+        if not settings.delay_topics:
+            print("no delay_topics configured: nothing to republish", file=sys.stderr)
+            return 1
+        if args.republisher_command == "run":
+            return asyncio.run(_run(settings, args))
+        return _status(settings, args)
+    except AthomicError as exc:
+        print(f"athomic: {exc}", file=sys.stderr)
         return 1
-    if args.republisher_command == "run":
-        return asyncio.run(_run(settings, args))
-    return _status(settings, args)
 
 
 async def _run(settings: MessagingSettings, args: argparse.Namespace) -> int:
@@ -69,13 +76,22 @@ async def kafka_progress(settings: MessagingSettings) -> list[dict[str, Any]]:
     options = settings.kafka_client_options()
     consumer = AIOKafkaConsumer(**options, isolation_level="read_committed")
     admin = AIOKafkaAdminClient(**options)
-    await consumer.start()
-    await admin.start()
+    try:
+        await consumer.start()
+        await admin.start()
+    except KafkaError as exc:
+        await consumer.stop()
+        await admin.close()
+        raise MessagingConnectionError(
+            f"cannot reach the Kafka brokers at {settings.bootstrap_servers}: {exc}") from None
     try:
         rows = []
-        await consumer.topics()  # loads the metadata of every topic
+        described = {t["topic"]: t for t in await admin.describe_topics(
+            list(settings.delay_topics.values()))}
         for bucket, topic in settings.delay_topics.items():
-            parts = consumer.partitions_for_topic(topic) or set()
+            info = described.get(topic) or {}
+            parts = [] if info.get("error_code") else [
+                p["partition"] for p in info.get("partitions", ())]
             tps = [TopicPartition(topic, p) for p in sorted(parts)]
             if not tps:
                 rows.append({"bucket_s": bucket, "topic": topic, "partition": None,
@@ -114,7 +130,10 @@ def _status(settings: MessagingSettings, args: argparse.Namespace) -> int:
     print(f"{'bucket':>8}  {'topic':<32} {'part':>4} {'end':>10} {'committed':>10} "
           f"{'lag':>8}")
     for r in rows:
-        print(f"{r['bucket_s']:>7g}s  {r['topic']:<32} {r['partition']!s:>4} {r['end']:>10} "
+        if r["partition"] is None:
+            print(f"{r['bucket_s']:>7g}s  {r['topic']:<32}    -  (topic does not exist yet)")
+            continue
+        print(f"{r['bucket_s']:>7g}s  {r['topic']:<32} {r['partition']:>4} {r['end']:>10} "
               f"{r['committed']:>10} {r['lag']:>8}")
     for a in actors:
         late = a["lateness"]

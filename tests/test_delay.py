@@ -298,3 +298,45 @@ async def test_held_messages_are_bounded(settings_factory: Any,
     assert len({h(r)["message-id"] for r, _ in received}) == 1500
     assert_never_early(received)
     assert 0 < peak <= 100
+
+
+async def test_cli_republisher_run_and_status(settings_factory: Any,
+                                              delay_topics: dict[float, str],
+                                              kafka_bootstrap: str, topic: str,
+                                              tmp_path: Any) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    settings = settings_factory(delay_topics=delay_topics,
+                                republisher={"enabled": False, "partitions": 2})
+    config = tmp_path / "athomic.toml"
+    config.write_text(
+        f'connection_name = "{settings.connection_name}"\n'
+        f'bootstrap_servers = "{kafka_bootstrap}"\n'
+        "[republisher]\npartitions = 2\n[delay_topics]\n"
+        + "".join(f'{int(b)} = "{t}"\n' for b, t in delay_topics.items()))
+    cli = [sys.executable, "-m", "athomic._cli", "republisher"]
+    runner = subprocess.Popen([*cli, "run", "--config", str(config)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        await create_topics(kafka_bootstrap, *delay_topics.values(), partitions=2)
+        handle = ProducerFactory.create(settings)
+        items = [{"message": {"i": i}, "key": f"k{i}", "delay_seconds": 1.0 + i / 10}
+                 for i in range(30)]
+        ray.get(handle.publish_batch.remote(items, topic=topic))
+        received = await read_timed(kafka_bootstrap, topic, 30, timeout=60)
+        assert len({h(r)["message-id"] for r, _ in received}) == 30
+        assert_never_early(received)
+        await asyncio.sleep(0.5)
+        status = subprocess.run([*cli, "status", "--config", str(config), "--json"],
+                                capture_output=True, text=True, timeout=60, check=True)
+        rows = json.loads(status.stdout)["partitions"]
+        assert {(r["topic"], r["partition"]) for r in rows} == {
+            (t, p) for t in delay_topics.values() for p in (0, 1)}
+        assert sum(r["end"] for r in rows) >= 30 and all(r["lag"] == 0 for r in rows)
+    finally:
+        runner.send_signal(signal.SIGTERM)
+        out, err = runner.communicate(timeout=60)
+    assert runner.returncode == 0, err[-2000:]
+    assert "republishing" in out

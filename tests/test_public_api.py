@@ -12,7 +12,8 @@ def test_contract_names_are_exported() -> None:
     for name in ["MessagingSettings", "ProducerFactory", "MessagePriority",
                  "PublishingOutcome", "MessageHeaders", "PublishError",
                  "MessagingConnectionError", "decode_message", "AthomicError",
-                 "DirectPublishStrategy"]:
+                 "DirectPublishStrategy", "DelayedPublishStrategy", "ProducerHandle",
+                 "decode_record", "extract_context", "message_context"]:
         assert name in athomic.__all__, name
         assert getattr(athomic, name) is not None
 
