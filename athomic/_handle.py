@@ -125,7 +125,7 @@ class ProducerHandle:
         self._cond = threading.Condition()
         self._in_flight = {lane: [0] * len(a) for lane, a in self._lanes.items()}
         self._lane_total = dict.fromkeys(self._lanes, 0)
-        self._serializer = Pipeline.from_settings(self.settings, byte_stages=False).serializer
+        self._pipeline = Pipeline.from_settings(self.settings, byte_stages=False)
         self._valid_topics: set[str] = set()
         self._service = (self.settings.lineage.service_name
                          if self.settings.lineage.enabled else None)
@@ -195,10 +195,7 @@ class ProducerHandle:
                 f"producer.max_header_bytes={limits.max_header_bytes}: {len(merged)} "
                 f"headers, {size} bytes ({passed} passed in headers=, the rest captured: "
                 "trace context, context variables, lineage)", value=len(merged))
-        if message is None:  # a tombstone stays a null value, as Kafka compaction expects
-            value, content_type, schema = None, None, None
-        else:
-            value, content_type, schema = self._serializer.dumps(message)
+        value, content_type, schema = self._pipeline.serialize(message)
         return PublishRequest(topic, value, _to_key(key), merged, content_type, schema,
                               prio, due, message_id or new_message_id(), now)
 

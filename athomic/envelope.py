@@ -41,6 +41,7 @@ from .messages import MessagePriority
 MAGIC = b"ATHD"
 VERSION = 1
 _FIXED = struct.Struct(">4sBBBBQQQ16s")
+_U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _F_NULL_VALUE, _F_NULL_KEY, _F_AUTH = 1, 2, 4
@@ -106,9 +107,16 @@ def encode(env: Envelope, keys: EnvelopeKeys | None = None) -> bytes:
     return body + bytes([len(key_id)]) + key_id + nonce + tag
 
 
-def _truncated(what: str, need: int, pos: int, size: int) -> MalformedEnvelopeError:
-    return MalformedEnvelopeError(
-        f"envelope truncated in {what}: needs {need} bytes at {pos}, has {size - pos}")
+def _field(buf: bytes, pos: int, length: struct.Struct, what: str) -> tuple[bytes, int]:
+    """A length-prefixed field at ``pos``: its bytes and the position after it. The length
+    is checked against what is left before anything is sliced, so a corrupt length can
+    neither read past the end nor allocate more than the input."""
+    (n,) = length.unpack_from(buf, pos)
+    pos += length.size
+    if pos + n > len(buf):
+        raise MalformedEnvelopeError(
+            f"envelope truncated in {what}: needs {n} bytes at {pos}, has {len(buf) - pos}")
+    return buf[pos:pos + n], pos + n
 
 
 def decode(data: bytes, keys: EnvelopeKeys | None = None) -> Envelope:
@@ -129,58 +137,32 @@ def decode(data: bytes, keys: EnvelopeKeys | None = None) -> Envelope:
     if prio not in _PRIORITY_OF or hop == 0:
         raise MalformedEnvelopeError("envelope priority or hop out of range")
     pos = _FIXED.size
-    # Each length is checked against what is left before anything is sliced, so a
-    # corrupt length can neither read past the end nor allocate more than the input.
     try:
-        (n,) = _U16.unpack_from(buf, pos)
-        pos += 2
-        if pos + n > size:
-            raise _truncated("topic", n, pos, size)
-        topic = buf[pos:pos + n].decode()
-        pos += n
+        raw, pos = _field(buf, pos, _U16, "topic")
+        topic = raw.decode()
         key = None
         if not flags & _F_NULL_KEY:
-            (n,) = _U32.unpack_from(buf, pos)
-            pos += 4
-            if pos + n > size:
-                raise _truncated("key", n, pos, size)
-            key = buf[pos:pos + n]
-            pos += n
+            key, pos = _field(buf, pos, _U32, "key")
         (count,) = _U16.unpack_from(buf, pos)
         pos += 2
         if count > MAX_HEADERS:
             raise MalformedEnvelopeError(f"envelope has {count} headers (max {MAX_HEADERS})")
         headers = []
         for _ in range(count):
-            (n,) = _U16.unpack_from(buf, pos)
-            pos += 2
-            if pos + n > size:
-                raise _truncated("header key", n, pos, size)
-            hk = buf[pos:pos + n].decode()
-            pos += n
-            (n,) = _U32.unpack_from(buf, pos)
-            pos += 4
-            if pos + n > size:
-                raise _truncated("header value", n, pos, size)
-            headers.append((hk, buf[pos:pos + n]))
-            pos += n
+            raw, pos = _field(buf, pos, _U16, "header key")
+            header_value, pos = _field(buf, pos, _U32, "header value")
+            headers.append((raw.decode(), header_value))
         value = None
         if not flags & _F_NULL_VALUE:
-            (n,) = _U32.unpack_from(buf, pos)
-            pos += 4
-            if pos + n > size:
-                raise _truncated("value", n, pos, size)
-            value = buf[pos:pos + n]
-            pos += n
+            value, pos = _field(buf, pos, _U32, "value")
         body_end = pos
         if flags & _F_AUTH:
-            n = buf[pos] if pos < size else 0
-            pos += 1
-            if pos + n + 28 > size:
-                raise _truncated("authentication", n + 28, pos, size)
-            key_id = buf[pos:pos + n].decode("ascii", "replace")
-            nonce, tag = buf[pos + n:pos + n + 12], buf[pos + n + 12:pos + n + 28]
-            pos += n + 28
+            raw, pos = _field(buf, pos, _U8, "key id")
+            key_id = raw.decode("ascii", "replace")
+            if pos + 28 > size:
+                raise MalformedEnvelopeError("envelope truncated in authentication tag")
+            nonce, tag = buf[pos:pos + 12], buf[pos + 12:pos + 28]
+            pos += 28
     except struct.error:
         raise MalformedEnvelopeError(f"envelope truncated at byte {pos}") from None
     except UnicodeDecodeError:

@@ -24,7 +24,6 @@ from athomic.messages import (
     H_CONTENT_TYPE,
     H_KEY_ID,
     H_MESSAGE_ID,
-    H_SCHEMA,
     MessageHeaders,
 )
 from athomic.settings import ByteStageSpec, CompressStageSpec, MessagingSettings
@@ -189,17 +188,12 @@ class Pipeline:
         return "actors" in self.placement
 
     # --- caller side -------------------------------------------------------------------
-    def serialize(self, message: Any) -> tuple[bytes | None, list[tuple[str, bytes]]]:
-        """Message object -> bytes and the headers naming its content type (and schema).
-
-        ``None`` stays a null value (a tombstone, as Kafka compaction expects)."""
+    def serialize(self, message: Any) -> tuple[bytes | None, str | None, str | None]:
+        """Message object -> ``(bytes, content type, schema)``; runs where ``publish`` is
+        called. ``None`` stays a null value (a tombstone, as Kafka compaction expects)."""
         if message is None:
-            return None, []
-        data, content_type, schema = self.serializer.dumps(message)
-        headers = [(H_CONTENT_TYPE, content_type.encode())]
-        if schema:
-            headers.append((H_SCHEMA, schema.encode()))
-        return data, headers
+            return None, None, None
+        return self.serializer.dumps(message)
 
     # --- producer side -----------------------------------------------------------------
     def encode(self, value: bytes | None, *, topic: str, key: bytes | None,

@@ -41,7 +41,15 @@ from athomic.settings import MessagingSettings
 from athomic.strategies import delay_headers
 from athomic.telemetry import RepublishSpan, Telemetry
 
-from .schedule import FINAL, Cascade, DueHeap, LatenessStats, OffsetTracker, next_step
+from .schedule import (
+    FINAL,
+    MAX_METADATA,
+    Cascade,
+    DueHeap,
+    LatenessStats,
+    OffsetTracker,
+    next_step,
+)
 from .topics import ensure_topics
 
 log = logging.getLogger("athomic.republisher")
@@ -230,6 +238,14 @@ class BucketRepublisher:
         if tracker is None:  # no longer ours
             return
         limit = self.settings.republisher.max_held
+        held = len(self.heap)
+        try:
+            self._read(tp, tracker, records, now, limit)
+        finally:
+            self.telemetry.add_delayed_held(len(self.heap) - held, delay_topic=self.topic)
+
+    def _read(self, tp: TopicPartition, tracker: OffsetTracker, records: list[Any],
+              now: int, limit: int) -> None:
         for record in records:
             if tracker.is_done(record.offset):  # published before a restart: skip
                 tracker.read(record.offset, done=True)
@@ -239,7 +255,6 @@ class BucketRepublisher:
                 env = envelope.decode(record.value, self.keys)
             except MalformedEnvelopeError as exc:
                 tracker.read(record.offset)
-                self.telemetry.add_delayed_held(1, delay_topic=self.topic)
                 self.heap.push(now, Held(tp, record.offset, now, DEAD_LETTER, None,
                                          record=record, error=str(exc)))
                 continue
@@ -250,7 +265,6 @@ class BucketRepublisher:
                 self._pause(tp, record.offset, now + 50)
                 return
             tracker.read(record.offset)
-            self.telemetry.add_delayed_held(1, delay_topic=self.topic)
             step = next_step(self.buckets, env.hold_until_ms, env.deliver_at_ms,
                              max(now, env.hold_until_ms), self.near_window_s)
             if isinstance(step, Cascade):
@@ -292,26 +306,42 @@ class BucketRepublisher:
                 headers = out.to_kafka()
         return env.topic, env.key, env.value, headers
 
-    def _fit_metadata(self, due: list[Held]) -> tuple[list[Held], list[Held]]:
-        """Split off what would make a commit's metadata too large (a rare, extreme
-        backlog above a long-held message): those wait for the watermark to move."""
+    def _plan_commit(self, due: list[Held]
+                     ) -> tuple[list[Held], list[Held], dict[TopicPartition, OffsetAndMetadata]]:
+        """What this transaction commits per partition, computed once. Messages that would
+        make a commit's metadata too large (a rare, extreme backlog above a long-held
+        message) are split off: they wait for the watermark to move."""
         by_tp: dict[TopicPartition, list[int]] = {}
         for h in due:
             by_tp.setdefault(h.tp, []).append(h.offset)
         deferred: set[tuple[TopicPartition, int]] = set()
-        for tp, offsets in by_tp.items():
+        offsets = {}
+        for tp, offs in by_tp.items():
             tracker = self.trackers[tp]
-            offsets.sort()
-            while offsets and not tracker.fits(offsets):
-                deferred.add((tp, offsets.pop()))
+            offs.sort()
+            point = tracker.commit_point(offs)
+            if len(point[1]) > MAX_METADATA:
+                # the longest prefix (lowest offsets first) that fits, by bisection
+                lo, hi = 0, len(offs) - 1
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    if len(tracker.commit_point(offs[:mid])[1]) <= MAX_METADATA:
+                        lo = mid
+                    else:
+                        hi = mid - 1
+                deferred.update((tp, o) for o in offs[lo:])
+                offs = offs[:lo]
+                point = tracker.commit_point(offs)
+            if offs:
+                offsets[tp] = OffsetAndMetadata(*point)
         if not deferred:
-            return due, []
+            return due, [], offsets
         keep = [h for h in due if (h.tp, h.offset) not in deferred]
-        return keep, [h for h in due if (h.tp, h.offset) in deferred]
+        return keep, [h for h in due if (h.tp, h.offset) in deferred], offsets
 
     async def _republish(self, due: list[Held]) -> None:
         assert self.producer is not None
-        due, deferred = self._fit_metadata(due)
+        due, deferred, offsets = self._plan_commit(due)
         for h in deferred:
             h.release_ms = now_ms() + 100
             self.heap.push(h.release_ms, h)
@@ -345,10 +375,6 @@ class BucketRepublisher:
             failures = {i: r for i, r in enumerate(results) if isinstance(r, BaseException)}
             if failures:
                 raise next(iter(failures.values()))
-            offsets = {}
-            for tp, offs in finishing.items():
-                offset, metadata = self.trackers[tp].commit_point(offs)
-                offsets[tp] = OffsetAndMetadata(offset, metadata)
             await producer.send_offsets_to_transaction(offsets, self.group_id)
             await producer.commit_transaction()
         except ProducerFenced as exc:
@@ -412,7 +438,6 @@ class BucketRepublisher:
 
     # --- introspection -------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        assert self.consumer is not None or not self.running
         paused = [tp.partition for tp in self.wake_at]
         return {
             "topic": self.topic, "bucket_s": self.bucket_s, "replica": self.replica,

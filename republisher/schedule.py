@@ -169,9 +169,6 @@ class OffsetTracker:
         watermark = min(self.pending) if self.pending else self.position
         self.done = {o for o in self.done if o > watermark}
 
-    def fits(self, finishing: Iterable[int]) -> bool:
-        return len(self.commit_point(finishing)[1]) <= MAX_METADATA
-
 
 # --- lateness ------------------------------------------------------------------------------
 class LatenessStats:

@@ -45,6 +45,12 @@ def dlq_topic() -> str:
     return f"dlq.{uuid.uuid4().hex[:8]}"
 
 
+def bucket_actor(settings: Any, topic: str, replica: int = 0) -> Any:
+    """The running DelayBucketActor of a delay topic."""
+    return ray.get_actor(delay_actor_name(settings.connection_name, topic, replica),
+                         namespace=NAMESPACE)
+
+
 def h(record: Any) -> dict[str, bytes]:
     return dict(record.headers)
 
@@ -159,9 +165,7 @@ async def test_killed_bucket_actors_lose_nothing_and_duplicate_nothing(
         expected += 50
         if wave in (2, 4):  # mid-stream: kill the actors of the 1 s and 2 s buckets
             for bucket in (1, 2):
-                ray.kill(ray.get_actor(delay_actor_name(
-                    settings.connection_name, delay_topics[bucket], 0),
-                    namespace=NAMESPACE), no_restart=False)
+                ray.kill(bucket_actor(settings, delay_topics[bucket]), no_restart=False)
         await asyncio.sleep(0.7)
     received = await read_timed(kafka_bootstrap, topic, expected, timeout=90,
                                 extra_wait=3.0)
@@ -169,8 +173,7 @@ async def test_killed_bucket_actors_lose_nothing_and_duplicate_nothing(
     assert len(set(ids)) == expected, "lost messages"
     assert len(ids) == expected, "duplicates visible to a read_committed consumer"
     assert_never_early(received)
-    stats = ray.get(ray.get_actor(delay_actor_name(
-        settings.connection_name, delay_topics[1], 0), namespace=NAMESPACE).stats.remote())
+    stats = ray.get(bucket_actor(settings, delay_topics[1]).stats.remote())
     assert stats["running"]
 
 
@@ -187,9 +190,8 @@ async def test_two_replicas_share_partitions(settings_factory: Any,
     assert len(received) == 200
     assert len({h(r)["message-id"] for r, _ in received}) == 200
     assert_never_early(received)
-    stats = [ray.get(ray.get_actor(delay_actor_name(settings.connection_name,
-                                                    delay_topics[1], i),
-                                   namespace=NAMESPACE).stats.remote()) for i in (0, 1)]
+    stats = [ray.get(bucket_actor(settings, delay_topics[1], i).stats.remote())
+             for i in (0, 1)]
     assert [s["partitions"] for s in stats] == [[0, 2], [1, 3]]
     assert all(s["republished"]["final"] > 0 for s in stats)
     assert sum(s["republished"]["final"] for s in stats) == 200
@@ -285,8 +287,7 @@ async def test_held_messages_are_bounded(settings_factory: Any,
     settings = settings_factory(delay_topics=delay_topics,
                                 republisher={"max_held": 100, "partitions": 1})
     handle = ProducerFactory.create(settings)
-    actor = ray.get_actor(delay_actor_name(settings.connection_name, delay_topics[1], 0),
-                          namespace=NAMESPACE)
+    actor = bucket_actor(settings, delay_topics[1])
     items = [{"message": {"i": i}, "delay_seconds": 1.0 + i / 1000} for i in range(1500)]
     ray.get(handle.publish_batch.remote(items, topic=topic))
     peak = 0
