@@ -1,0 +1,354 @@
+"""The seam between athomic and its Kafka client library, and the one place where Kafka
+errors become athomic errors.
+
+Code that talks to Kafka (the ProducerActor, the republisher, topic administration, the
+CLI) never builds a client itself: it asks a ``KafkaClients`` factory, as httpx takes a
+``transport=``. Production passes ``AIOKAFKA`` (aiokafka's clients); tests pass the
+in-memory Kafka in ``tests/kafka_fake.py``, which injects faults per call. The producer and
+consumer protocols are the subset of aiokafka's API athomic uses; the admin protocol is
+athomic's own, small and typed, because aiokafka's admin client answers in raw protocol
+tuples.
+
+Factory arguments are aiokafka's constructor keywords (``bootstrap_servers``,
+``transactional_id``, ``isolation_level``, ...). A fake honours the ones with meaning
+inside Kafka (transactions, isolation, acks) and ignores the connection ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aiokafka.errors import (
+    InvalidTopicError as KafkaInvalidTopicError,
+)
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    OffsetMetadataTooLargeError,
+    ProducerFenced,
+    RecordListTooLargeError,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+    UnknownTopicOrPartitionError,
+)
+from aiokafka.structs import OffsetAndMetadata, RecordMetadata, TopicPartition
+
+from .errors import (
+    AthomicError,
+    ConfigurationError,
+    MessagingConnectionError,
+    PublishError,
+    RecordTooLargeError,
+)
+
+__all__ = [
+    "AIOKAFKA",
+    "Fault",
+    "KafkaAdmin",
+    "KafkaClients",
+    "KafkaConsumer",
+    "KafkaProducer",
+    "OffsetAndMetadata",
+    "RecordMetadata",
+    "TopicPartition",
+    "TopicSpec",
+    "classify",
+    "translate",
+]
+
+
+# --- the client protocols ---------------------------------------------------------------
+class ConsumedRecord(Protocol):
+    """A record as a consumer returns it (aiokafka's ConsumerRecord)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def timestamp(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes]]: ...
+
+
+class KafkaProducer(Protocol):
+    """A producer, plain or transactional (``transactional_id=``)."""
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def flush(self) -> None: ...
+
+    async def send(self, topic: str, value: bytes | None = None, key: bytes | None = None,
+                   partition: int | None = None, timestamp_ms: int | None = None,
+                   headers: list[tuple[str, bytes]] | None = None
+                   ) -> asyncio.Future[RecordMetadata]:
+        """Queue a record; the returned future resolves on the broker's acknowledgement."""
+
+    async def begin_transaction(self) -> None: ...
+    async def commit_transaction(self) -> None: ...
+    async def abort_transaction(self) -> None: ...
+
+    async def send_offsets_to_transaction(
+            self, offsets: dict[TopicPartition, OffsetAndMetadata], group_id: str) -> None: ...
+
+
+class KafkaConsumer(Protocol):
+    """A consumer with manually assigned partitions (athomic never joins a group)."""
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    def assign(self, partitions: list[TopicPartition]) -> None: ...
+    def assignment(self) -> set[TopicPartition]: ...
+    def seek(self, partition: TopicPartition, offset: int) -> None: ...
+    def pause(self, *partitions: TopicPartition) -> None: ...
+    def resume(self, *partitions: TopicPartition) -> None: ...
+    def paused(self) -> set[TopicPartition]: ...
+    async def position(self, partition: TopicPartition) -> int: ...
+
+    async def getmany(self, *partitions: TopicPartition, timeout_ms: int = 0,
+                      max_records: int | None = None
+                      ) -> dict[TopicPartition, list[Any]]: ...
+
+    async def beginning_offsets(self, partitions: list[TopicPartition]
+                                ) -> dict[TopicPartition, int]: ...
+
+    async def end_offsets(self, partitions: list[TopicPartition]
+                          ) -> dict[TopicPartition, int]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    """A topic to create."""
+
+    name: str
+    partitions: int
+    replication_factor: int
+    config: dict[str, str] = field(default_factory=dict)
+
+
+class KafkaAdmin(Protocol):
+    """The administrative calls athomic makes, with plain answers."""
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+
+    async def broker_count(self) -> int: ...
+
+    async def partition_counts(self, topics: Iterable[str]) -> dict[str, int]:
+        """Partitions of each topic that exists (missing topics are left out)."""
+
+    async def create_topics(self, topics: Sequence[TopicSpec]) -> None:
+        """Create topics; one that already exists is not an error."""
+
+    async def create_partitions(self, topic: str, total: int) -> None:
+        """Grow ``topic`` to ``total`` partitions."""
+
+    async def topic_config(self, topics: Iterable[str], name: str) -> dict[str, str | None]:
+        """The value of config ``name`` of each topic."""
+
+    async def committed(self, group_id: str, partitions: Sequence[TopicPartition]
+                        ) -> dict[TopicPartition, tuple[int, str]]:
+        """Committed ``(offset, metadata)`` of a group, for partitions with a commit."""
+
+
+class KafkaClients(Protocol):
+    """Builds Kafka clients (aiokafka in production, the in-memory Kafka in tests)."""
+
+    def producer(self, **options: Any) -> KafkaProducer: ...
+    def consumer(self, **options: Any) -> KafkaConsumer: ...
+    def admin(self, **options: Any) -> KafkaAdmin: ...
+
+
+# --- aiokafka ------------------------------------------------------------------------------
+_TOPIC_ALREADY_EXISTS = 36
+
+
+class _AIOKafkaAdmin:
+    """``KafkaAdmin`` over aiokafka's admin client (whose answers are protocol tuples)."""
+
+    def __init__(self, **options: Any) -> None:
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        self._admin = AIOKafkaAdminClient(**options)
+
+    async def start(self) -> None:
+        await self._admin.start()
+
+    async def close(self) -> None:
+        await self._admin.close()
+
+    async def broker_count(self) -> int:
+        return len((await self._admin.describe_cluster())["brokers"])
+
+    async def partition_counts(self, topics: Iterable[str]) -> dict[str, int]:
+        names = list(topics)
+        if not names:
+            return {}
+        existing = set(await self._admin.list_topics())
+        wanted = [t for t in names if t in existing]
+        if not wanted:
+            return {}
+        meta = await self._admin.describe_topics(wanted)
+        return {t["topic"]: len(t["partitions"]) for t in meta if not t.get("error_code")}
+
+    async def create_topics(self, topics: Sequence[TopicSpec]) -> None:
+        from aiokafka.admin import NewTopic
+
+        if not topics:
+            return
+        response = await self._admin.create_topics([
+            NewTopic(t.name, t.partitions, t.replication_factor, topic_configs=t.config)
+            for t in topics])
+        for entry in response.topic_errors:
+            name, code = entry[0], entry[1]
+            if code not in (0, _TOPIC_ALREADY_EXISTS):
+                message = entry[2] if len(entry) > 2 else ""
+                raise ConfigurationError(f"cannot create topic {name!r}: error {code} "
+                                         f"{message}")
+
+    async def create_partitions(self, topic: str, total: int) -> None:
+        from aiokafka.admin import NewPartitions
+
+        await self._admin.create_partitions({topic: NewPartitions(total_count=total)})
+
+    async def topic_config(self, topics: Iterable[str], name: str) -> dict[str, str | None]:
+        from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+        names = list(topics)
+        out: dict[str, str | None] = dict.fromkeys(names)
+        if not names:
+            return out
+        responses = await self._admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, t, {name: None}) for t in names])
+        for response in responses:
+            for resource in response.resources:
+                configs = {c[0]: c[1] for c in resource[4]}
+                out[resource[3]] = configs.get(name)
+        return out
+
+    async def committed(self, group_id: str, partitions: Sequence[TopicPartition]
+                        ) -> dict[TopicPartition, tuple[int, str]]:
+        if not partitions:
+            return {}
+        found = await self._admin.list_consumer_group_offsets(group_id,
+                                                              partitions=list(partitions))
+        return {tp: (om.offset, om.metadata or "") for tp, om in found.items()
+                if om.offset >= 0}
+
+
+class AIOKafkaClients:
+    """``KafkaClients`` of aiokafka: what athomic uses outside tests."""
+
+    def producer(self, **options: Any) -> KafkaProducer:
+        from aiokafka import AIOKafkaProducer
+
+        return AIOKafkaProducer(**options)  # type: ignore[no-any-return]
+
+    def consumer(self, **options: Any) -> KafkaConsumer:
+        from aiokafka import AIOKafkaConsumer
+
+        return AIOKafkaConsumer(**options)  # type: ignore[no-any-return]
+
+    def admin(self, **options: Any) -> KafkaAdmin:
+        return _AIOKafkaAdmin(**options)
+
+    def __reduce__(self) -> Any:
+        return (AIOKafkaClients, ())
+
+
+AIOKAFKA: KafkaClients = AIOKafkaClients()
+
+
+# --- errors: the one place Kafka's become athomic's ----------------------------------------
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """What a Kafka error means to a caller that may retry: ``kind`` is ``"fenced"`` (a
+    newer instance owns the transactional id, or the broker aborted a transaction that ran
+    too long: the producer is unusable), ``"transient"`` (try again later: leadership
+    moving, a broker away, a quorum short, a timeout) or ``"permanent"`` (this record will
+    never be accepted: too large, invalid or unauthorised topic)."""
+
+    kind: str
+    name: str
+    """The Kafka error's class name (``error.type`` in telemetry)."""
+
+
+_PERMANENT: tuple[type[BaseException], ...] = (
+    MessageSizeTooLargeError, RecordListTooLargeError, KafkaInvalidTopicError,
+    TopicAuthorizationFailedError, OffsetMetadataTooLargeError,
+)
+_FENCED: tuple[type[BaseException], ...] = (ProducerFenced, TransactionalIdAuthorizationFailed)
+
+
+def classify(exc: BaseException) -> Fault:
+    """Sort an error raised by a Kafka client (or by our waits on one)."""
+    name = type(exc).__name__
+    if isinstance(exc, _FENCED):
+        return Fault("fenced", name)
+    if isinstance(exc, _PERMANENT):
+        return Fault("permanent", name)
+    if isinstance(exc, AthomicError):
+        return Fault("transient" if exc.retriable else "permanent", name)
+    # UnknownTopicOrPartition is transient to Kafka (metadata may lag a creation); the
+    # republisher bounds how long it keeps trying before it calls the topic missing.
+    return Fault("transient", name)
+
+
+def kafka_error_name(exc: BaseException) -> str:
+    """The name telemetry reports as ``error.type``: the Kafka error's own class name when
+    the error came from Kafka (directly or as the cause of ours), else ours."""
+    cause = exc.__cause__ if isinstance(exc, AthomicError) else exc
+    if isinstance(cause, KafkaError):
+        return type(cause).__name__
+    return type(exc).__name__
+
+
+def translate(exc: BaseException, *, topic: str | None = None,
+              servers: str | None = None) -> AthomicError:
+    """A Kafka client error as the athomic error a caller sees (``__cause__`` keeps the
+    original). Errors that are already athomic's pass through."""
+    if isinstance(exc, AthomicError):
+        return exc
+    error: AthomicError
+    where = f" at {servers}" if servers else ""
+    if isinstance(exc, (MessageSizeTooLargeError, RecordListTooLargeError)):
+        error = RecordTooLargeError(f"record for {topic!r} rejected as too large: {exc}",
+                                    size=-1, limit=-1)
+    elif isinstance(exc, KafkaConnectionError):
+        error = MessagingConnectionError(f"cannot reach the Kafka brokers{where}: {exc}")
+    elif isinstance(exc, (KafkaTimeoutError, asyncio.TimeoutError, TimeoutError)):
+        error = PublishError(f"no acknowledgement for {topic!r} in time: {exc!r}",
+                             topic=topic)
+    elif isinstance(exc, UnknownTopicOrPartitionError):
+        error = PublishError(f"topic {topic!r} does not exist on the brokers", topic=topic)
+    elif isinstance(exc, TopicAuthorizationFailedError):
+        error = PublishError(f"not authorised to write to {topic!r}", topic=topic)
+    elif isinstance(exc, KafkaError):
+        error = PublishError(f"publishing to {topic!r} failed: {exc!r}", topic=topic)
+    elif isinstance(exc, OSError):
+        error = MessagingConnectionError(f"cannot reach the Kafka brokers{where}: {exc}")
+    else:
+        error = PublishError(f"publishing to {topic!r} failed: {exc!r}", topic=topic)
+    error.__cause__ = exc
+    return error
+
+
+def connection_error(exc: BaseException, servers: str) -> MessagingConnectionError:
+    """An error met while connecting a client, as MessagingConnectionError."""
+    if isinstance(exc, MessagingConnectionError):
+        return exc
+    error = MessagingConnectionError(f"cannot reach the Kafka brokers at {servers}: "
+                                     f"{type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
