@@ -23,10 +23,11 @@ test: setup
 	$(PYTHON) -m pytest
 
 test-unit: setup
-	$(PYTHON) -m pytest -m "not integration"
+	$(PYTHON) -m pytest tests/unit
 
 lint:
 	$(PYTHON) -m ruff check .
+	.ci/layers
 
 typecheck:
 	.ci/typecheck

@@ -12,6 +12,7 @@ import logging
 import time
 from typing import Any
 
+from athomic._kafka import AIOKAFKA, KafkaClients
 from athomic.errors import AthomicError, ConfigurationError, MessagingConnectionError
 from athomic.republisher.loop import BucketRepublisher, Fenced
 from athomic.settings import MessagingSettings
@@ -32,9 +33,11 @@ class DelayBucketActor:
     """
 
     def __init__(self, settings: MessagingSettings, topic: str, replica: int = 0,
-                 replicas: int = 1, *, autostart: bool = True) -> None:
+                 replicas: int = 1, *, autostart: bool = True,
+                 clients: KafkaClients = AIOKAFKA) -> None:
         self.settings = settings
-        self.republisher = BucketRepublisher(settings, topic, replica, replicas)
+        self.republisher = BucketRepublisher(settings, topic, replica, replicas,
+                                             clients=clients)
         self._fingerprint = settings.fingerprint()
         self._ready = asyncio.Event()
         self._error: AthomicError | None = None

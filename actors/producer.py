@@ -11,16 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
-from aiokafka.errors import (
-    KafkaConnectionError,
-    KafkaError,
-    KafkaTimeoutError,
-    MessageSizeTooLargeError,
-    NotLeaderForPartitionError,
-    UnknownTopicOrPartitionError,
-)
-
+from athomic._kafka import AIOKAFKA, KafkaClients, KafkaProducer, kafka_error_name, translate
 from athomic.envelope import envelope_keys
 from athomic.errors import (
     AthomicError,
@@ -37,28 +28,11 @@ from athomic.strategies import (
     DirectPublishStrategy,
     OutgoingRecord,
     PublishingStrategy,
+    physical_topic,
 )
 from athomic.telemetry import Telemetry
 
 from .stage import StagePool
-
-
-def translate_kafka_error(exc: BaseException, *, topic: str | None = None) -> AthomicError:
-    """The one place where Kafka client errors become athomic errors."""
-    if isinstance(exc, AthomicError):
-        return exc
-    if isinstance(exc, MessageSizeTooLargeError):
-        return RecordTooLargeError(f"record for {topic!r} rejected as too large: {exc}",
-                                   size=-1, limit=-1)
-    if isinstance(exc, KafkaConnectionError):
-        return MessagingConnectionError(f"cannot reach the Kafka brokers: {exc}")
-    if isinstance(exc, (KafkaTimeoutError, asyncio.TimeoutError)):
-        return PublishError(f"no acknowledgement for {topic!r} in time: {exc!r}", topic=topic)
-    if isinstance(exc, UnknownTopicOrPartitionError):
-        return PublishError(f"topic {topic!r} does not exist on the brokers", topic=topic)
-    if isinstance(exc, (NotLeaderForPartitionError, KafkaError)):
-        return PublishError(f"publishing to {topic!r} failed: {exc!r}", topic=topic)
-    return PublishError(f"publishing to {topic!r} failed: {exc!r}", topic=topic)
 
 
 class ProducerActor:
@@ -73,18 +47,20 @@ class ProducerActor:
     """
 
     def __init__(self, settings: MessagingSettings, lane: str = "normal",
-                 index: int = 0, stage_actors: Sequence[Any] | None = None) -> None:
+                 index: int = 0, stage_actors: Sequence[Any] | None = None, *,
+                 clients: KafkaClients = AIOKAFKA) -> None:
         self.settings = settings
+        self.clients = clients
         self.lane = lane
         self.index = index
         self.pipeline = Pipeline.from_settings(settings)
         # Stages placed on actors run on this pool; without one (a plain ProducerActor in
         # a unit test) every stage runs inline.
         self.stage_pool = StagePool(stage_actors) if stage_actors else None
-        self.direct = DirectPublishStrategy(settings)
+        self.direct = DirectPublishStrategy()
         self.delayed = (DelayedPublishStrategy(settings, envelope_keys(settings.pipeline))
                         if settings.delay_topics else None)
-        self._producer: AIOKafkaProducer | None = None
+        self._producer: KafkaProducer | None = None
         self._start_lock: asyncio.Lock | None = None
         self._closed = False
         self._fingerprint = settings.fingerprint()
@@ -94,7 +70,7 @@ class ProducerActor:
         self._failed = 0
 
     # --- lifecycle ---------------------------------------------------------------------
-    async def _ensure_started(self) -> AIOKafkaProducer:
+    async def _ensure_started(self) -> KafkaProducer:
         if self._closed:
             raise ProducerClosedError("this producer has been shut down")
         if self._producer is not None:
@@ -106,9 +82,9 @@ class ProducerActor:
                 self._producer = await self._start_producer()
         return self._producer
 
-    async def _start_producer(self) -> AIOKafkaProducer:
+    async def _start_producer(self) -> KafkaProducer:
         tuning = self.settings.producer
-        producer = AIOKafkaProducer(
+        producer = self.clients.producer(
             **self.settings.kafka_client_options(),
             acks=tuning.acks,
             enable_idempotence=tuning.enable_idempotence,
@@ -125,7 +101,7 @@ class ProducerActor:
                 raise
             raise MessagingConnectionError(
                 f"cannot reach the Kafka brokers at {self.settings.bootstrap_servers} within "
-                f"{tuning.connect_timeout_s}s: {exc!r}") from None
+                f"{tuning.connect_timeout_s}s: {type(exc).__name__}: {exc}") from None
         return producer
 
     async def stop(self) -> None:
@@ -160,7 +136,14 @@ class ProducerActor:
             return self.delayed
         return self.direct
 
-    async def prepare(self, requests: Sequence[PublishRequest], *,
+    def topics(self, requests: Sequence[PublishRequest]) -> list[str]:
+        """Each request's physical topic (``<topic>.high`` / ``.low`` with priority
+        topics), computed once per call: the pipeline binds to it, the strategies write to
+        it, the spans name it."""
+        split = self.settings.priority_topics
+        return [physical_topic(r.topic, r.priority, split) for r in requests]
+
+    async def prepare(self, requests: Sequence[PublishRequest], topics: Sequence[str], *,
                       observe: SegmentObserver | None = None
                       ) -> list[tuple[OutgoingRecord, PublishingOutcome]]:
         """Encode and check every request; raises before anything is sent.
@@ -169,8 +152,8 @@ class ProducerActor:
         replica when stages are placed on actors), bound to each message's final topic.
         ``observe`` wraps each run of stages (pipeline spans)."""
         limit = self.settings.producer.max_request_size
-        items = [EncodeItem(r.value, self.direct.topic_for(r), r.key, r.message_id,
-                            r.content_type or "") for r in requests]
+        items = [EncodeItem(r.value, topic, r.key, r.message_id, r.content_type or "")
+                 for r, topic in zip(requests, topics, strict=True)]
         encoded = await self.pipeline.encode_batch(items, self.stage_pool, observe=observe)
         prepared = []
         now = time.time()
@@ -178,11 +161,10 @@ class ProducerActor:
             index = i if len(requests) > 1 else None
             strategy = self.strategy_for(request, now)
             try:
-                record = strategy.build(request, enc)
+                record = strategy.build(request, enc, topics[i])
             except AthomicError as exc:
-                if index is not None and getattr(exc, "index", None) is None:
-                    exc.index = index  # type: ignore[attr-defined]
-                    exc.args = (f"message #{index}: {exc.args[0]}", *exc.args[1:])
+                if index is not None:
+                    exc.at_index(index)
                 raise
             size = record.size()
             if size > limit:
@@ -229,19 +211,19 @@ class ProducerActor:
     async def publish(self, request: PublishRequest) -> PublishingOutcome:
         """Publish one message; returns once the broker acknowledged it."""
         requests = [request]
-        recorder = self.telemetry.publishing(requests, batch=False,
-                                             topic_of=self.direct.topic_for)
+        topics = self.topics(requests)
+        recorder = self.telemetry.publishing(requests, topics, batch=False)
         try:
-            prepared = await self.prepare(requests, observe=recorder.observe)
+            prepared = await self.prepare(requests, topics, observe=recorder.observe)
             (result,) = await self._deliver(prepared)
         except BaseException as exc:
             recorder.abort(exc)
             raise
         if isinstance(result, BaseException):
             self._failed += 1
-            error = translate_kafka_error(result, topic=prepared[0][0].topic)
+            error = translate(result, topic=prepared[0][0].topic)
             recorder.done(prepared, [error])
-            raise error from None
+            raise error
         self._sent += 1
         recorder.done(prepared, [result])
         return prepared[0][1]
@@ -253,22 +235,24 @@ class ProducerActor:
         """
         if not requests:
             return []
-        recorder = self.telemetry.publishing(requests, batch=True,
-                                             topic_of=self.direct.topic_for)
+        topics = self.topics(requests)
+        recorder = self.telemetry.publishing(requests, topics, batch=True)
         try:
-            prepared = await self.prepare(requests, observe=recorder.observe)
+            prepared = await self.prepare(requests, topics, observe=recorder.observe)
             results = await self._deliver(prepared)
         except BaseException as exc:
             recorder.abort(exc)
             raise
-        failures = {i: repr(r) for i, r in enumerate(results) if isinstance(r, BaseException)}
+        for i, r in enumerate(results):
+            if isinstance(r, BaseException):
+                results[i] = translate(r, topic=prepared[i][0].topic)
+        failures = {i: f"{kafka_error_name(r)}: {r}" for i, r in enumerate(results)
+                    if isinstance(r, BaseException)}
         outcomes = [None if isinstance(results[i], BaseException) else outcome
                     for i, (_, outcome) in enumerate(prepared)]
         self._sent += len(requests) - len(failures)
         if failures:
             self._failed += len(failures)
-            for i in failures:
-                results[i] = translate_kafka_error(results[i], topic=prepared[i][0].topic)
             recorder.done(prepared, results)
             first = min(failures)
             raise PublishError(
@@ -287,13 +271,14 @@ class ProducerActor:
 
         import ray
 
+        actor_id = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
         return {"lane": self.lane, "index": self.index, "sent": self._sent,
-                "pid": os.getpid(), "actor_id": ray.get_runtime_context().get_actor_id(),
+                "pid": os.getpid(), "actor_id": actor_id,
                 "failed": self._failed, "started": self._producer is not None,
                 "time": time.time()}
 
 
-async def _quietly_stop(producer: AIOKafkaProducer) -> None:
+async def _quietly_stop(producer: KafkaProducer) -> None:
     # It already failed to start; a second error here adds nothing.
     with contextlib.suppress(Exception):
         await producer.stop()

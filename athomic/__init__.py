@@ -8,6 +8,7 @@ from ._handle import ProducerFactory, ProducerHandle
 from .context import MessageContext, extract_context, message_context, register_context_var
 from .errors import (
     AthomicError,
+    BackpressureTimeoutError,
     CompressionError,
     ConfigurationError,
     DecryptionError,
@@ -32,41 +33,42 @@ from .strategies import DelayedPublishStrategy, DirectPublishStrategy
 
 __version__ = "0.1.0"
 
-__all__ = [
-    # errors
-    "AthomicError",
-    "CompressionError",
-    "ConfigurationError",
-    "DecryptionError",
+__all__ = [  # noqa: RUF022 (grouped by kind, sorted within each group)
+    # clients
+    "ProducerFactory",
+    "ProducerHandle",
+    "decode_message",
+    "decode_record",
+    # settings
+    "MessagingSettings",
     # types
     "DelayedPublishStrategy",
     "DirectPublishStrategy",
+    "MessageContext",
+    "MessageHeaders",
+    "MessagePriority",
+    "PublishingOutcome",
+    # consumer side: the context a message carries
+    "extract_context",
+    "message_context",
+    "register_context_var",
+    # errors
+    "AthomicError",
+    "BackpressureTimeoutError",
+    "CompressionError",
+    "ConfigurationError",
+    "DecryptionError",
     "EncryptionError",
     "InvalidDelayError",
     "InvalidHeaderError",
     "InvalidTopicError",
     "MalformedEnvelopeError",
-    "MessageContext",
-    "MessageHeaders",
-    "MessagePriority",
     "MessagingConnectionError",
     "MessagingError",
-    # settings
-    "MessagingSettings",
     "PipelineError",
     "ProducerClosedError",
-    # clients
-    "ProducerFactory",
-    "ProducerHandle",
     "PublishError",
-    "PublishingOutcome",
     "RecordTooLargeError",
     "SerializationError",
     "ValidationError",
-    "decode_message",
-    "decode_record",
-    # consumer side: context a message carries
-    "extract_context",
-    "message_context",
-    "register_context_var",
 ]

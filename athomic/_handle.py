@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import math
 import random
@@ -12,25 +13,29 @@ from typing import Any, Generic, TypeVar
 
 import ray
 
+from ._exporters import check_exporter
+from .actors.topology import apply_producers, apply_republisher, teardown
 from .context import capture, drop_invalid_traceparent
 from .errors import (
+    AthomicError,
+    BackpressureTimeoutError,
     InvalidDelayError,
     InvalidHeaderError,
+    PublishError,
     SerializationError,
     ValidationError,
 )
 from .messages import (
+    MessageHeaders,
     MessagePriority,
     PublishingOutcome,
     PublishRequest,
-    as_headers,
     new_message_id,
     new_message_ids,
     validate_topic,
 )
 from .pipeline import Pipeline
 from .settings import MessagingSettings
-from .telemetry import check_exporter
 
 T = TypeVar("T")
 
@@ -39,8 +44,10 @@ _PUBLISH_FIELDS = frozenset(
 
 
 class RemoteMethod(Generic[T]):
-    """``handle.publish.remote(...)`` returns an ObjectRef, as on a Ray actor handle;
-    ``await handle.publish(...)`` awaits the result in async code."""
+    """``handle.publish.remote(...)`` returns an ObjectRef, as on a Ray actor handle
+    (waiting in the calling thread while the lane is full); ``await handle.publish(...)``
+    awaits the result in async code, and waits for room without blocking the event
+    loop."""
 
     __slots__ = ("_submit",)
 
@@ -48,15 +55,100 @@ class RemoteMethod(Generic[T]):
         self._submit = submit
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
-        return self._submit(*args, **kwargs)
+        return self._submit(None, *args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Awaitable[T]:
-        ref = self._submit(*args, **kwargs)
-
-        async def wait() -> T:
+        async def call() -> T:
+            ref = await self._submit(asyncio.get_running_loop(), *args, **kwargs)
             return await ref  # type: ignore[no-any-return]
 
-        return wait()
+        return call()
+
+
+class Window:
+    """The in-flight window of one lane: unacknowledged messages per actor and in all.
+
+    ``take`` reserves room (waiting while the lane is full, at most ``timeout_s``) and
+    picks the less loaded of two random actors (power of two choices); ``give`` returns
+    room from any thread (Ray completes calls on its own threads) and wakes waiters, both
+    threads and event loops.
+    """
+
+    def __init__(self, actors: int, limit: int, timeout_s: float) -> None:
+        self.loads = [0] * actors
+        self.total = 0
+        self.limit = limit
+        self.timeout_s = timeout_s
+        self._cond = threading.Condition()
+        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+
+    def _try_take(self, count: int) -> int | None:
+        # A batch larger than the whole window still goes once the lane is idle.
+        if self.total and self.total + count > self.limit:
+            return None
+        loads = self.loads
+        if len(loads) == 1:
+            index = 0
+        else:
+            a, b = random.sample(range(len(loads)), 2)
+            index = a if loads[a] <= loads[b] else b
+        loads[index] += count
+        self.total += count
+        return index
+
+    def _timeout(self, lane: str) -> BackpressureTimeoutError:
+        return BackpressureTimeoutError(
+            f"lane {lane!r} kept lanes.max_in_flight={self.limit} messages unacknowledged "
+            f"for lanes.acquire_timeout_s={self.timeout_s}; nothing was sent")
+
+    def take(self, count: int, lane: str) -> int:
+        deadline = time.monotonic() + self.timeout_s
+        with self._cond:
+            while True:
+                index = self._try_take(count)
+                if index is not None:
+                    return index
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise self._timeout(lane)
+                self._cond.wait(left)
+
+    async def take_async(self, count: int, lane: str,
+                         loop: asyncio.AbstractEventLoop) -> int:
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            with self._cond:
+                index = self._try_take(count)
+                if index is not None:
+                    return index
+                waiter: asyncio.Future[None] = loop.create_future()
+                self._async_waiters.append((loop, waiter))
+            left = deadline - time.monotonic()
+            try:
+                if left <= 0:
+                    raise self._timeout(lane)
+                try:
+                    await asyncio.wait_for(waiter, left)
+                except asyncio.TimeoutError:
+                    raise self._timeout(lane) from None
+            finally:
+                with self._cond:
+                    if (loop, waiter) in self._async_waiters:
+                        self._async_waiters.remove((loop, waiter))
+
+    def give(self, index: int, count: int) -> None:
+        with self._cond:
+            self.loads[index] -= count
+            self.total -= count
+            self._cond.notify_all()
+            waiters, self._async_waiters = self._async_waiters, []
+        for loop, waiter in waiters:
+            loop.call_soon_threadsafe(_wake, waiter)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _to_deliver_at(delay_seconds: Any, deliver_at: Any, now: float) -> float | None:
@@ -122,9 +214,10 @@ class ProducerHandle:
         self._setup()
 
     def _setup(self) -> None:
-        self._cond = threading.Condition()
-        self._in_flight = {lane: [0] * len(a) for lane, a in self._lanes.items()}
-        self._lane_total = dict.fromkeys(self._lanes, 0)
+        lanes = self.settings.lanes
+        self._windows = {lane: Window(len(actors), lanes.max_in_flight,
+                                      lanes.acquire_timeout_s)
+                         for lane, actors in self._lanes.items()}
         self._pipeline = Pipeline.from_settings(self.settings, byte_stages=False)
         self._valid_topics: set[str] = set()
         self._service = (self.settings.lineage.service_name
@@ -179,7 +272,7 @@ class ProducerHandle:
         context, context_size = captured if captured is not None else self._captured()
         merged, size, passed = context, context_size, 0
         if headers:
-            caller = as_headers(headers)
+            caller = MessageHeaders(headers)
             # A caller's invalid traceparent is dropped, never an error: the message then
             # carries the caller's current trace context, or the actor's span starts a trace.
             drop_invalid_traceparent(caller)
@@ -207,47 +300,41 @@ class ProducerHandle:
             return "low"
         return "normal"
 
-    def _acquire(self, lane: str, count: int) -> int:
-        """Reserve ``count`` in-flight slots in ``lane``; returns the chosen actor index."""
-        limit = self.settings.lanes.max_in_flight
-        with self._cond:
-            # A batch larger than the window still goes once the lane is idle.
-            while self._lane_total[lane] and self._lane_total[lane] + count > limit:
-                self._cond.wait()
-            loads = self._in_flight[lane]
-            if len(loads) == 1:
-                index = 0
-            else:
-                a, b = random.sample(range(len(loads)), 2)
-                index = a if loads[a] <= loads[b] else b
-            loads[index] += count
-            self._lane_total[lane] += count
-            return index
+    def _submit(self, loop: asyncio.AbstractEventLoop | None, lane: str, method: str,
+                payload: Any, count: int) -> Any:
+        """Reserve room in ``lane`` and call ``method`` on an actor of it: the ObjectRef,
+        or (with an event loop) an awaitable of it that waits for room without blocking
+        the loop."""
+        window = self._windows[lane]
+        if loop is None:
+            return self._send(lane, window.take(count, lane), method, payload, count)
 
-    def _release(self, lane: str, index: int, count: int) -> None:
-        with self._cond:
-            self._in_flight[lane][index] -= count
-            self._lane_total[lane] -= count
-            self._cond.notify_all()
+        async def when_room() -> Any:
+            index = await window.take_async(count, lane, loop)
+            return self._send(lane, index, method, payload, count)
 
-    def _submit(self, lane: str, method: str, payload: Any, count: int) -> Any:
-        index = self._acquire(lane, count)
+        return when_room()
+
+    def _send(self, lane: str, index: int, method: str, payload: Any, count: int) -> Any:
+        window = self._windows[lane]
         try:
             ref = getattr(self._lanes[lane][index], method).remote(payload)
         except BaseException:
-            self._release(lane, index, count)
+            window.give(index, count)
             raise
-        ref.future().add_done_callback(lambda _: self._release(lane, index, count))
+        ref.future().add_done_callback(lambda _: window.give(index, count))
         return ref
 
-    def _publish(self, message: Any = None, topic: Any = None, key: Any = None,
-                 headers: Any = None, delay_seconds: Any = None,
-                 priority: Any = MessagePriority.NORMAL, deliver_at: Any = None) -> Any:
+    def _publish(self, loop: asyncio.AbstractEventLoop | None, message: Any = None,
+                 topic: Any = None, key: Any = None, headers: Any = None,
+                 delay_seconds: Any = None, priority: Any = MessagePriority.NORMAL,
+                 deliver_at: Any = None) -> Any:
         request = self._request(message, topic, key, headers, delay_seconds, priority,
                                 deliver_at)
-        return self._submit(self._lane(request.priority), "publish", request, 1)
+        return self._submit(loop, self._lane(request.priority), "publish", request, 1)
 
-    def _publish_batch(self, messages: Iterable[Mapping[str, Any]], **defaults: Any) -> Any:
+    def _publish_batch(self, loop: asyncio.AbstractEventLoop | None,
+                       messages: Iterable[Mapping[str, Any]], **defaults: Any) -> Any:
         """Each item is a mapping of ``publish`` arguments; ``defaults`` fill in what an
         item leaves out (e.g. ``publish_batch(items, topic="events")``)."""
         unknown = set(defaults) - _PUBLISH_FIELDS
@@ -270,30 +357,92 @@ class ProducerHandle:
                 requests.append(self._request(**{**defaults, **item}, captured=captured,
                                               now=now, message_id=ids[i]))
             except (ValidationError, SerializationError) as exc:
-                if exc.index is None:
-                    exc.index = i
-                    exc.args = (f"message #{i}: {exc.args[0]}", *exc.args[1:])
-                raise
+                raise exc.at_index(i) from None
         by_lane: dict[str, list[int]] = {}
         for i, request in enumerate(requests):
             by_lane.setdefault(self._lane(request.priority), []).append(i)
         if len(by_lane) <= 1:
             lane = next(iter(by_lane), "normal")
-            return self._submit(lane, "publish_batch", requests, max(len(requests), 1))
-        refs = [self._submit(lane, "publish_batch", [requests[i] for i in idx], len(idx))
-                for lane, idx in by_lane.items()]
-        return _merge_outcomes.remote(list(by_lane.values()), *refs)
+            return self._submit(loop, lane, "publish_batch", requests, max(len(requests), 1))
+        # HIGH must not wait behind the NORMAL part: each lane gets its own call, and a
+        # task puts the outcomes back in the caller's order.
+        parts = [(lane, idx, [requests[i] for i in idx]) for lane, idx in by_lane.items()]
+        order = [idx for _, idx, _ in parts]
+        if loop is None:
+            refs = [self._submit(None, lane, "publish_batch", part, len(part))
+                    for lane, _, part in parts]
+            return _merge_lanes.remote(order, refs)
+
+        async def submit_all() -> Any:
+            refs = [await self._submit(loop, lane, "publish_batch", part, len(part))
+                    for lane, _, part in parts]
+            return _merge_lanes.remote(order, refs)
+
+        return submit_all()
 
 
 @ray.remote(num_cpus=0)
-def _merge_outcomes(order: list[list[int]], *parts: list[PublishingOutcome]
-                    ) -> list[PublishingOutcome]:
-    """Reassembles a batch that was split over lanes, in the caller's order."""
-    out: list[Any] = [None] * sum(len(idx) for idx in order)
-    for idx, outcomes in zip(order, parts, strict=False):
-        for i, outcome in zip(idx, outcomes, strict=False):
-            out[i] = outcome
-    return out
+def _merge_lanes(order: list[list[int]], refs: list[Any]) -> list[PublishingOutcome]:
+    """Reassembles a batch that was split over lanes, in the caller's order. A failure is
+    reported against the caller's indices, with the outcomes of every lane (what was
+    acknowledged stays known)."""
+    return merge_lane_results(order, [_settle(ref) for ref in refs])
+
+
+def _settle(ref: Any) -> list[PublishingOutcome] | BaseException:
+    try:
+        return ray.get(ref)  # type: ignore[no-any-return]
+    except ray.exceptions.RayTaskError as exc:
+        # the actor's own error (a PublishError, a RecordTooLargeError), unwrapped
+        return exc.cause if isinstance(exc.cause, BaseException) else exc
+    except Exception as exc:
+        return exc
+
+
+def merge_lane_results(order: list[list[int]],
+                       parts: list[list[PublishingOutcome] | BaseException]
+                       ) -> list[PublishingOutcome]:
+    """Outcomes of each lane's sub-batch (or the error it raised) -> the caller's list.
+
+    Raises PublishError indexed by the caller's positions when any lane failed, with the
+    outcome of every acknowledged message; when no lane sent anything (each raised a
+    ValidationError before sending), the first lane's error, re-indexed."""
+    outcomes: list[Any] = [None] * sum(len(idx) for idx in order)
+    failures: dict[int, str] = {}
+    first_error: BaseException | None = None
+    all_refused = True
+    for idx, part in zip(order, parts, strict=True):
+        if not isinstance(part, BaseException):
+            all_refused = False
+            for i, outcome in zip(idx, part, strict=True):
+                outcomes[i] = outcome
+            continue
+        sub_failures = getattr(part, "failures", None)
+        if isinstance(part, PublishError) and sub_failures:
+            all_refused = False
+            for j, outcome in enumerate(part.outcomes or ()):
+                outcomes[idx[j]] = outcome
+            for j, why in sub_failures.items():
+                failures[idx[j]] = why
+        else:
+            if not isinstance(part, ValidationError):
+                all_refused = False
+            if isinstance(part, AthomicError):
+                if part.index is not None:
+                    part.at_index(idx[part.index], replace=True)
+                elif len(idx) == 1:
+                    part.at_index(idx[0])
+            for i in idx:
+                failures[i] = f"{type(part).__name__}: {part}"
+        first_error = first_error or part
+    if first_error is None:
+        return outcomes
+    if all_refused:
+        raise first_error
+    first = min(failures)
+    raise PublishError(
+        f"{len(failures)} of {len(outcomes)} messages were not acknowledged; first "
+        f"(#{first}): {failures[first]}", failures=failures, outcomes=outcomes)
 
 
 class ProducerFactory:
@@ -308,8 +457,6 @@ class ProducerFactory:
         are started too, and this returns once they run: delay topics created, or checked
         (ConfigurationError for one whose retention could lose messages).
         """
-        from athomic.actors.topology import apply_producers, apply_republisher
-
         settings = settings if settings is not None else MessagingSettings()
         # Surface stage and exporter problems (a custom stage that does not import, an OTLP
         # exporter without its package) here as ConfigurationError, not as actors that fail
@@ -323,6 +470,4 @@ class ProducerFactory:
     @staticmethod
     def shutdown(connection_name: str = "default") -> list[str]:
         """Flush and stop every actor of a connection; returns the names stopped."""
-        from athomic.actors.topology import teardown
-
         return teardown(connection_name)

@@ -208,14 +208,6 @@ class MessageContext:
         return None if self.span_context is None else f"{self.span_context.trace_id:032x}"
 
 
-def _as_headers(headers: Any) -> MessageHeaders:
-    """Record headers in any form (aiokafka's pairs, a list, a mapping, MessageHeaders)."""
-    if isinstance(headers, MessageHeaders):
-        return headers
-    return MessageHeaders.from_kafka(headers.items() if isinstance(headers, Mapping)
-                                     else headers)
-
-
 def _context_names() -> dict[str, str]:
     return {context_header(name): name for name in _context_vars}
 
@@ -224,7 +216,7 @@ def extract_context(headers: Any) -> MessageContext:
     """Read the trace context, baggage, execution-context values and lineage a received
     message carries. ``headers`` is the record's headers in any form. Never raises on bad
     values: an invalid ``traceparent`` simply yields no span context."""
-    hdrs = _as_headers(headers)
+    hdrs = MessageHeaders.of(headers)
     ctx = propagate.extract(hdrs, getter=HEADERS_GETTER)
     span_context = trace.get_current_span(ctx).get_span_context()
     names = _context_names()

@@ -17,25 +17,44 @@ The tree::
     │   └── DecryptionError
     ├── MessagingError                 the broker side failed
     │   ├── MessagingConnectionError   (retriable) broker unreachable
-    │   └── PublishError               send failed after every retry
+    │   ├── PublishError               send failed after every retry
+    │   └── BackpressureTimeoutError   (retriable) a lane stayed full too long; nothing sent
     └── ProducerClosedError            the producer was shut down
 
 ``NotImplementedError`` (the builtin) is raised for a delayed publish when no delay topics are
 configured, as the producer documentation specifies.
 
-Errors from aiokafka, Ray, cryptography and zstandard are translated at the edge where they
-occur (``raise ... from exc``) and never reach a caller untranslated.
+Errors from aiokafka are translated in one place, ``athomic._kafka``; errors from Ray,
+cryptography and zstandard at the edge where they occur (``raise ... from exc``). None
+reaches a caller untranslated.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
+
+_E = TypeVar("_E", bound="AthomicError")
 
 
 class AthomicError(Exception):
     """Root of every error raised by athomic."""
 
     retriable: bool = False
+    index: int | None = None
+    """Position of the failing message in the caller's batch, when there was a batch."""
+
+    def at_index(self: _E, index: int, *, replace: bool = False) -> _E:
+        """Name the failing message's position in the caller's batch: sets ``index`` and
+        prefixes the message with ``message #<index>:``. Only once, unless ``replace``
+        (a sub-batch's position mapped back to the caller's list)."""
+        if self.index is not None and not replace:
+            return self
+        text = str(self.args[0]) if self.args else ""
+        if self.index is not None:
+            text = text.removeprefix(f"message #{self.index}: ")
+        self.index = index
+        self.args = (f"message #{index}: {text}", *self.args[1:])
+        return self
 
     def __reduce__(self) -> Any:
         # Errors cross process boundaries (Ray actors -> callers) by pickling; keep every
@@ -59,11 +78,10 @@ class ValidationError(AthomicError, ValueError):
     """Raised when a publish request is invalid; nothing has been sent."""
 
     def __init__(self, message: str, *, value: Any = None, index: int | None = None) -> None:
-        if index is not None:
-            message = f"message #{index}: {message}"
         super().__init__(message)
         self.value = value
-        self.index = index
+        if index is not None:
+            self.at_index(index)
 
 
 class InvalidTopicError(ValidationError):
@@ -99,12 +117,11 @@ class PipelineError(AthomicError):
         detail = f"{stage} stage: {message}"
         if message_id:
             detail += f" (message {message_id})"
-        if index is not None:
-            detail = f"message #{index}: {detail}"
         super().__init__(detail)
         self.stage = stage
         self.message_id = message_id
-        self.index = index
+        if index is not None:
+            self.at_index(index)
 
 
 class SerializationError(PipelineError, ValueError):
@@ -152,6 +169,13 @@ class PublishError(MessagingError):
         self.topic = topic
         self.failures = failures or {}
         self.outcomes = outcomes
+
+
+class BackpressureTimeoutError(MessagingError):
+    """Raised when a lane's in-flight window stays full for ``lanes.acquire_timeout_s``;
+    the message was not sent."""
+
+    retriable = True
 
 
 class ProducerClosedError(AthomicError):

@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, NamedTuple, Union
+from typing import NamedTuple, Union
 
 from .errors import InvalidHeaderError, InvalidTopicError
 
@@ -85,8 +85,8 @@ _TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 _TOPIC_MAX = 249
 
 HeaderValue = Union[bytes, str]  # noqa: UP007 (a runtime alias; | needs 3.10 objects)
-HeadersLike = Union["MessageHeaders", Mapping[str, HeaderValue],
-                    Iterable[tuple[str, HeaderValue]], None]
+HeadersLike = Union["MessageHeaders", Mapping[str, HeaderValue | None],
+                    Iterable[tuple[str, HeaderValue | None]], None]
 
 
 def validate_topic(topic: object) -> str:
@@ -105,8 +105,11 @@ def validate_topic(topic: object) -> str:
 class MessageHeaders:
     """Ordered Kafka headers: ``(str, bytes)`` pairs with dict-like helpers.
 
-    Kafka allows repeated keys; ``[key]`` and ``get`` return the last value, ``set`` replaces
-    every value of a key, ``add`` appends. ``str`` values are stored UTF-8 encoded.
+    The one coercion of headers in athomic: ``MessageHeaders(x)`` (a copy) or
+    ``MessageHeaders.of(x)`` (no copy when ``x`` already is one) accept a mapping, pairs
+    (as aiokafka gives them) or None. ``str`` values are stored UTF-8 encoded; a null value
+    (Kafka allows them) reads as empty bytes. Kafka allows repeated keys; ``[key]`` and
+    ``get`` return the last value, ``set`` replaces every value of a key, ``add`` appends.
     """
 
     __slots__ = ("_items",)
@@ -119,13 +122,22 @@ class MessageHeaders:
             self._items = list(items._items)
             return
         pairs = items.items() if isinstance(items, Mapping) else items
+        append = self._items.append
+        check = self._check
         for pair in pairs:
             try:
                 key, value = pair
             except (TypeError, ValueError):
                 raise InvalidHeaderError(
                     f"headers must be (key, value) pairs, got {pair!r}", value=pair) from None
-            self.add(key, value)
+            # the common case (what Kafka clients return) without the general checks
+            append((key, value) if type(value) is bytes and type(key) is str and key
+                   else check(key, value))
+
+    @classmethod
+    def of(cls, value: HeadersLike) -> MessageHeaders:
+        """``value`` itself when it already is MessageHeaders, else a coerced copy."""
+        return value if isinstance(value, MessageHeaders) else cls(value)
 
     @staticmethod
     def _check(key: object, value: object) -> tuple[str, bytes]:
@@ -136,6 +148,8 @@ class MessageHeaders:
             return key, value.encode("utf-8")
         if isinstance(value, (bytes, bytearray, memoryview)):
             return key, bytes(value)
+        if value is None:
+            return key, b""
         raise InvalidHeaderError(
             f"header {key!r}: value must be bytes or str, got {type(value).__name__}",
             value=key)
@@ -176,7 +190,7 @@ class MessageHeaders:
         self._items = [(k, v) for k, v in self._items if k != key]
 
     def update(self, other: HeadersLike, *, overwrite: bool = True) -> None:
-        for key, value in MessageHeaders(other).items():
+        for key, value in MessageHeaders.of(other).items():
             if overwrite:
                 self.set(key, value)
             else:
@@ -184,6 +198,10 @@ class MessageHeaders:
 
     def items(self) -> list[tuple[str, bytes]]:
         return list(self._items)
+
+    def last_values(self) -> dict[str, bytes]:
+        """Name -> last value, as Kafka consumers read repeated headers."""
+        return dict(self._items)
 
     def to_kafka(self) -> list[tuple[str, bytes]]:
         """The pairs in the form aiokafka sends."""
@@ -235,23 +253,6 @@ class MessageHeaders:
 
     def __setstate__(self, state: list[tuple[str, bytes]]) -> None:
         self._items = state
-
-    @classmethod
-    def from_kafka(cls, pairs: Iterable[tuple[str, bytes | None]] | None) -> MessageHeaders:
-        """Headers of a consumed record (aiokafka gives a tuple of pairs; None values kept
-        as empty bytes)."""
-        headers = cls()
-        for key, value in pairs or ():
-            headers._items.append(
-                (key, value.encode() if isinstance(value, str) else bytes(value or b"")))
-        return headers
-
-
-def as_headers(value: Any) -> MessageHeaders:
-    """Coerce what a caller passed as ``headers=`` into MessageHeaders."""
-    if isinstance(value, MessageHeaders):
-        return value.copy()
-    return MessageHeaders(value)
 
 
 # --- message ids: UUIDv7 (RFC 9562) --------------------------------------------------------

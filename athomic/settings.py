@@ -109,7 +109,11 @@ class LaneSettings(_Section):
     low: int = Field(0, ge=0)
     """0 means LOW shares the NORMAL lane's actors."""
     max_in_flight: int = Field(10_000, ge=1)
-    """Messages a handle keeps in flight per lane; ``publish.remote`` waits beyond that."""
+    """Messages a handle keeps in flight per lane; ``publish.remote`` waits beyond that
+    (``await handle.publish(...)`` waits without blocking the event loop)."""
+    acquire_timeout_s: float = Field(120.0, gt=0)
+    """Longest wait for room in a full lane; then BackpressureTimeoutError (nothing was
+    sent)."""
     actor_num_cpus: float = Field(0.0, ge=0)
     """CPUs reserved per ProducerActor (0: they are I/O-bound and need no reservation)."""
 
@@ -558,7 +562,7 @@ class MessagingSettings(BaseSettings):
     def fingerprint(self) -> str:
         """Digest of everything that shapes the producer actors (secrets included, hashed)."""
         data = self.model_dump_json(
-            exclude={"lanes": {"max_in_flight"}}, round_trip=True,
+            exclude={"lanes": {"max_in_flight", "acquire_timeout_s"}}, round_trip=True,
             context={"reveal": True})
         secrets = [
             s.get_secret_value() for s in (self.security.sasl_password,

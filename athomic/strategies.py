@@ -1,7 +1,9 @@
 """Publishing strategies: how a request becomes the Kafka record a ProducerActor sends.
 
 Strategies are pure: they build records and never touch the network, so the actor owns all
-I/O and the strategies are unit-tested without a broker.
+I/O and the strategies are unit-tested without a broker. This module is also the one place
+that decides a final record's headers (``final_headers`` at publish, ``delivered_record``
+when the republisher releases a delayed message) and a message's physical topic.
 """
 
 from __future__ import annotations
@@ -50,7 +52,10 @@ class OutgoingRecord:
 class PublishingStrategy(Protocol):
     outcome: PublishingOutcome
 
-    def build(self, request: PublishRequest, encoded: Encoded) -> OutgoingRecord: ...
+    def build(self, request: PublishRequest, encoded: Encoded, topic: str
+              ) -> OutgoingRecord:
+        """The record for ``request``, whose byte stages produced ``encoded``, to be
+        delivered to ``topic`` (its physical topic)."""
 
 
 def physical_topic(topic: str, priority: MessagePriority, priority_topics: bool) -> str:
@@ -67,8 +72,9 @@ _OWNED = frozenset({H_MESSAGE_ID, H_PRIORITY, H_PUBLISHED_AT, H_CONTENT_TYPE, H_
 
 def final_headers(request: PublishRequest, encoded: Encoded) -> list[tuple[str, bytes]]:
     """The caller's (and captured) headers, then what athomic owns: message id, priority,
-    publish time, content type and schema, and the pipeline's description of the value. A
-    caller's value for an owned header is dropped, so a record never misdescribes itself."""
+    publish time, content type and schema, the pipeline's description of the value, and
+    for a delayed message its due time. A caller's value for an owned header is dropped, so
+    a record never misdescribes itself."""
     headers = [h for h in request.headers if h[0] not in _OWNED]
     headers.append((H_MESSAGE_ID, request.message_id.encode()))
     headers.append((H_PRIORITY, request.priority.value.encode()))
@@ -80,7 +86,18 @@ def final_headers(request: PublishRequest, encoded: Encoded) -> list[tuple[str, 
     if request.schema is not None:
         headers.append((H_SCHEMA, request.schema.encode()))
     headers.extend(encoded.headers)
+    if request.deliver_at is not None:
+        headers.append((H_DELIVER_AT, str(ms_ceil(request.deliver_at)).encode()))
     return headers
+
+
+def delivered_record(env: envelope.Envelope) -> OutgoingRecord:
+    """The final record of a delayed message the republisher releases: the record a direct
+    publish would have written, with its due time and the delay topics it passed."""
+    headers = [h for h in env.headers if h[0] not in (H_DELIVER_AT, H_HOP)]
+    headers.append((H_DELIVER_AT, str(env.deliver_at_ms).encode()))
+    headers.append((H_HOP, str(env.hop).encode()))
+    return OutgoingRecord(env.topic, env.key, env.value, headers)
 
 
 class DirectPublishStrategy:
@@ -88,19 +105,12 @@ class DirectPublishStrategy:
 
     outcome = PublishingOutcome.SUCCESS_DIRECT
 
-    def __init__(self, settings: MessagingSettings) -> None:
-        self._priority_topics = settings.priority_topics
-
-    def topic_for(self, request: PublishRequest) -> str:
-        return physical_topic(request.topic, request.priority, self._priority_topics)
-
-    def build(self, request: PublishRequest, encoded: Encoded) -> OutgoingRecord:
-        headers = final_headers(request, encoded)
-        if request.deliver_at is not None:
-            # Asked for a delay, but due by the time it reached the producer: it goes out
-            # now, still saying when it was due.
-            headers.append((H_DELIVER_AT, str(ms_ceil(request.deliver_at)).encode()))
-        return OutgoingRecord(self.topic_for(request), request.key, encoded.value, headers)
+    def build(self, request: PublishRequest, encoded: Encoded, topic: str
+              ) -> OutgoingRecord:
+        # A delayed message already due when it reached the producer goes out now, its
+        # headers still saying when it was due.
+        return OutgoingRecord(topic, request.key, encoded.value,
+                              final_headers(request, encoded))
 
 
 def ms_ceil(seconds: float) -> int:
@@ -120,19 +130,19 @@ class DelayedPublishStrategy:
 
     def __init__(self, settings: MessagingSettings,
                  keys: envelope.EnvelopeKeys | None = None) -> None:
-        self._direct = DirectPublishStrategy(settings)
         self._topics = dict(settings.delay_topics)
         self._buckets = sorted(self._topics)
         self._keys = keys
 
-    def build(self, request: PublishRequest, encoded: Encoded) -> OutgoingRecord:
+    def build(self, request: PublishRequest, encoded: Encoded, topic: str
+              ) -> OutgoingRecord:
         if request.deliver_at is None:
             raise ValueError("a delayed publish needs a due time")
         deliver_at_ms = ms_ceil(request.deliver_at)  # rounding up: never early
         published_ms = int(request.published_at * 1000)
         bucket, hold_until_ms = first_hop(self._buckets, published_ms, deliver_at_ms)
         env = envelope.Envelope(
-            topic=self._direct.topic_for(request), key=request.key, value=encoded.value,
+            topic=topic, key=request.key, value=encoded.value,
             headers=tuple(final_headers(request, encoded)), deliver_at_ms=deliver_at_ms,
             hold_until_ms=hold_until_ms, published_ms=published_ms, hop=1,
             priority=request.priority, message_id=request.message_id)

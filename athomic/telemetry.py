@@ -1,5 +1,5 @@
-"""OpenTelemetry for athomic: providers from settings, semantic-convention attribute names,
-spans at the Kafka send edge, and the metric instruments.
+"""OpenTelemetry instrumentation of athomic: semantic-convention attribute names, spans at
+the Kafka send edge, and the metric instruments (where they are exported: ``_exporters``).
 
 One ``Telemetry`` per actor process, built from ``MessagingSettings.telemetry``
 (``Telemetry.from_settings``). With ``exporter="none"`` it instruments through the global
@@ -38,38 +38,17 @@ API for the republisher (DelayBucketActor)::
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import time
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from opentelemetry import metrics as otel_metrics
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import (
-    ConsoleMetricExporter,
-    HistogramDataPoint,
-    MetricExporter,
-    MetricExportResult,
-    MetricsData,
-    NumberDataPoint,
-    PeriodicExportingMetricReader,
-)
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
-    ConsoleSpanExporter,
-    SpanExporter,
-    SpanExportResult,
-)
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
-from .context import HEADERS_GETTER, HEADERS_SETTER, _as_headers
-from .errors import ConfigurationError
+from ._exporters import build_providers
+from .context import HEADERS_GETTER, HEADERS_SETTER
 from .messages import (
     H_TRACEPARENT,
     H_TRACESTATE,
@@ -79,15 +58,13 @@ from .messages import (
 )
 from .pipeline import SegmentObserver
 from .settings import MessagingSettings, TelemetrySettings
-
-if TYPE_CHECKING:
-    from .strategies import OutgoingRecord
+from .strategies import OutgoingRecord
 
 INSTRUMENTATION = "athomic"
 
 # --- semantic-convention attribute names (OpenTelemetry messaging, error, server) ---------
 # Spelled out here: the semconv package keeps messaging in its private ``_incubating``
-# module, whose names move between releases. tests/test_telemetry_unit.py compares them.
+# module, whose names move between releases.
 MESSAGING_SYSTEM = "messaging.system"
 MESSAGING_DESTINATION_NAME = "messaging.destination.name"
 MESSAGING_DESTINATION_PARTITION_ID = "messaging.destination.partition.id"
@@ -242,7 +219,7 @@ class PublishRecorder:
     __slots__ = ("_batch", "_groups", "_requests", "_start", "_tel", "observe")
 
     def __init__(self, tel: Telemetry | None, requests: list[PublishRequest],
-                 batch: bool, topic_of: Callable[[PublishRequest], str] | None) -> None:
+                 topics: Sequence[str], batch: bool) -> None:
         self._tel = tel
         self._requests = requests
         self._batch = batch
@@ -250,7 +227,7 @@ class PublishRecorder:
         self._groups: list[_SpanGroup] = []
         self.observe: SegmentObserver | None = None
         if tel is not None and tel.tracer is not None:
-            self._groups = tel._open_spans(requests, batch, topic_of)
+            self._groups = tel._open_spans(requests, topics, batch)
             if tel.settings.pipeline_spans and self._groups:
                 self.observe = tel._segment_observer(self._groups[0].span)
 
@@ -304,7 +281,7 @@ class PublishRecorder:
                 MESSAGING_SYSTEM: KAFKA, MESSAGING_OPERATION_NAME: op, ERROR_TYPE: kind})
 
 
-_OFF = PublishRecorder(None, [], False, None)
+_OFF = PublishRecorder(None, [], [], False)
 
 
 # --- the telemetry of one process ---------------------------------------------------------
@@ -321,7 +298,7 @@ class Telemetry:
         self.settings = settings
         self._owned: list[Any] = []
         if settings.exporter != "none" and tracer_provider is None and meter_provider is None:
-            tracer_provider, meter_provider = _build_providers(settings, service_name)
+            tracer_provider, meter_provider = build_providers(settings, service_name)
             self._owned = [p for p in (tracer_provider, meter_provider) if p is not None]
         self._static: dict[str, Any] = {MESSAGING_SYSTEM: KAFKA}
         if servers:
@@ -373,35 +350,31 @@ class Telemetry:
                    servers=settings.servers, client_id=settings.client_id)
 
     # --- producer side ---------------------------------------------------------------------
-    def publishing(self, requests: list[PublishRequest], *, batch: bool,
-                   topic_of: Callable[[PublishRequest], str] | None = None
-                   ) -> PublishRecorder:
-        """Open the spans of a publish call and start timing it. ``topic_of`` names the
-        topic a request is published to (its physical topic, a function of its topic and
-        priority); default ``request.topic``.
+    def publishing(self, requests: list[PublishRequest], topics: Sequence[str], *,
+                   batch: bool) -> PublishRecorder:
+        """Open the spans of a publish call and start timing it. ``topics`` names the
+        topic each request is published to (its physical topic).
 
         Rewrites each request's trace headers to the new span's context (replacing the
         requests in ``requests``, which must be the list later published)."""
         if self.tracer is None and not self.metrics:
             return _OFF
-        return PublishRecorder(self, requests, batch, topic_of)
+        return PublishRecorder(self, requests, topics, batch)
 
-    def _open_spans(self, requests: list[PublishRequest], batch: bool,
-                    topic_of: Callable[[PublishRequest], str] | None) -> list[_SpanGroup]:
+    def _open_spans(self, requests: list[PublishRequest], topics: Sequence[str],
+                    batch: bool) -> list[_SpanGroup]:
         assert self.tracer is not None
         fields = sorted(propagate.get_global_textmap().fields)
         groups: dict[tuple[Any, ...], _SpanGroup] = {}
         for i, request in enumerate(requests):
-            # The physical topic depends on topic and priority only: name it per group.
-            key = (request.topic, request.priority, *_last(request.headers, fields))
+            key = (topics[i], request.priority, *_last(request.headers, fields))
             group = groups.get(key)
             if group is None:
-                topic = topic_of(request) if topic_of is not None else request.topic
-                group = groups[key] = _SpanGroup(topic)
+                group = groups[key] = _SpanGroup(topics[i])
             group.indices.append(i)
         for group in groups.values():
             first = requests[group.indices[0]]
-            parent = propagate.extract(MessageHeaders.from_kafka(first.headers),
+            parent = propagate.extract(MessageHeaders(first.headers),
                                        getter=HEADERS_GETTER)
             attrs = dict(self._static)
             attrs[MESSAGING_DESTINATION_NAME] = group.topic
@@ -501,7 +474,7 @@ class Telemetry:
         an invalid or missing traceparent starts a new trace. End it with ``end()``."""
         if self.tracer is None or not self._tracing_installed():
             return RepublishSpan(None)
-        parent = propagate.extract(_as_headers(headers), getter=HEADERS_GETTER)
+        parent = propagate.extract(MessageHeaders.of(headers), getter=HEADERS_GETTER)
         attrs = dict(self._static)
         attrs[MESSAGING_DESTINATION_NAME] = topic
         attrs[MESSAGING_OPERATION_NAME] = REPUBLISH
@@ -598,178 +571,3 @@ class Telemetry:
         owned, self._owned = self._owned, []
         for provider in owned:
             provider.shutdown()
-
-
-# --- exporters -----------------------------------------------------------------------------
-def check_exporter(settings: TelemetrySettings) -> None:
-    """Raise ConfigurationError if the exporter ``settings`` choose cannot be built here."""
-    if settings.exporter == "otlp":
-        _otlp_classes(settings.otlp_protocol)
-
-
-def _otlp_classes(protocol: str) -> tuple[Any, Any]:
-    kind = "grpc" if protocol == "grpc" else "http"
-    package = f"opentelemetry-exporter-otlp-proto-{kind}"
-    try:
-        if kind == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
-                OTLPMetricExporter,
-            )
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        else:
-            from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
-                OTLPMetricExporter,
-            )
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    except ImportError:
-        raise ConfigurationError(
-            f"telemetry.exporter='otlp' (otlp_protocol={protocol!r}) needs the {package} "
-            "package: pip install 'athomic-ray[otlp]'") from None
-    return OTLPSpanExporter, OTLPMetricExporter
-
-
-def _exporters(settings: TelemetrySettings) -> tuple[SpanExporter, MetricExporter]:
-    if settings.exporter == "console":
-        return ConsoleSpanExporter(), ConsoleMetricExporter()
-    if settings.exporter == "file":
-        assert settings.file_path is not None
-        return JsonLinesSpanExporter(settings.file_path), JsonLinesMetricExporter(
-            settings.file_path)
-    span_cls, metric_cls = _otlp_classes(settings.otlp_protocol)
-    endpoint = settings.otlp_endpoint
-    if endpoint is None:
-        return span_cls(), metric_cls()
-    if settings.otlp_protocol == "grpc":
-        return span_cls(endpoint=endpoint), metric_cls(endpoint=endpoint)
-    base = endpoint.rstrip("/")
-    return span_cls(endpoint=f"{base}/v1/traces"), metric_cls(endpoint=f"{base}/v1/metrics")
-
-
-def _build_providers(settings: TelemetrySettings, service_name: str
-                     ) -> tuple[trace.TracerProvider | None, otel_metrics.MeterProvider | None]:
-    span_exporter, metric_exporter = _exporters(settings)
-    resource = Resource.create({"service.name": service_name})
-    tracer_provider: TracerProvider | None = None
-    if settings.traces:
-        tracer_provider = TracerProvider(resource=resource)
-        tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
-    meter_provider: MeterProvider | None = None
-    if settings.metrics:
-        reader = PeriodicExportingMetricReader(
-            metric_exporter,
-            export_interval_millis=settings.metric_export_interval_s * 1000)
-        meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
-    return tracer_provider, meter_provider
-
-
-def _append(path: Path, data: bytes) -> None:
-    """Append in one write (O_APPEND): lines from several actor processes do not mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-    finally:
-        os.close(fd)
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
-
-
-def _hex(value: int | None, width: int) -> str | None:
-    return None if value is None else f"{value:0{width}x}"
-
-
-def span_record(span: ReadableSpan) -> dict[str, Any]:
-    """One span as the file exporter writes it (a flat JSON object)."""
-    ctx = span.get_span_context()
-    assert ctx is not None
-    parent = span.parent
-    return {
-        "signal": "span",
-        "name": span.name,
-        "kind": span.kind.name,
-        "trace_id": _hex(ctx.trace_id, 32),
-        "span_id": _hex(ctx.span_id, 16),
-        "parent_span_id": _hex(parent.span_id, 16) if parent is not None else None,
-        "parent_trace_id": _hex(parent.trace_id, 32) if parent is not None else None,
-        "start_ns": span.start_time,
-        "end_ns": span.end_time,
-        "status": span.status.status_code.name,
-        "status_description": span.status.description,
-        "attributes": {k: _plain(v) for k, v in (span.attributes or {}).items()},
-        "events": [{"name": e.name,
-                    "attributes": {k: _plain(v) for k, v in (e.attributes or {}).items()}}
-                   for e in span.events],
-        "links": [{"trace_id": _hex(link.context.trace_id, 32),
-                   "span_id": _hex(link.context.span_id, 16)} for link in span.links],
-        "resource": {k: _plain(v) for k, v in span.resource.attributes.items()},
-        "pid": os.getpid(),
-    }
-
-
-class JsonLinesSpanExporter(SpanExporter):
-    """Appends each finished span to a file as one JSON line (``span_record``)."""
-
-    def __init__(self, path: str | Path) -> None:
-        super().__init__()
-        self.path = Path(path)
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        data = "".join(json.dumps(span_record(s), separators=(",", ":"), default=str) + "\n"
-                       for s in spans)
-        try:
-            _append(self.path, data.encode())
-        except OSError:
-            return SpanExportResult.FAILURE
-        return SpanExportResult.SUCCESS
-
-    def shutdown(self) -> None:
-        pass
-
-    def force_flush(self, timeout_millis: int = 30_000) -> bool:
-        return True
-
-
-class JsonLinesMetricExporter(MetricExporter):
-    """Appends each metric data point to a file as one JSON line: name, unit,
-    attributes, and the point (cumulative ``value``, or ``count``/``sum``/``min``/``max``/
-    ``bucket_counts``/``explicit_bounds`` for a histogram)."""
-
-    def __init__(self, path: str | Path) -> None:
-        super().__init__()
-        self.path = Path(path)
-
-    def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000,
-               **kwargs: Any) -> MetricExportResult:
-        lines = []
-        for resource_metrics in metrics_data.resource_metrics:
-            for scope in resource_metrics.scope_metrics:
-                for metric in scope.metrics:
-                    for point in metric.data.data_points:
-                        row: dict[str, Any] = {
-                            "signal": "metric", "name": metric.name, "unit": metric.unit,
-                            "attributes": {k: _plain(v)
-                                           for k, v in (point.attributes or {}).items()},
-                            "pid": os.getpid()}
-                        if isinstance(point, HistogramDataPoint):
-                            row.update(count=point.count, sum=point.sum, min=point.min,
-                                       max=point.max, bucket_counts=list(point.bucket_counts),
-                                       explicit_bounds=list(point.explicit_bounds))
-                        elif isinstance(point, NumberDataPoint):
-                            row["value"] = point.value
-                        lines.append(json.dumps(row, separators=(",", ":"), default=str))
-        if lines:
-            try:
-                _append(self.path, ("\n".join(lines) + "\n").encode())
-            except OSError:
-                return MetricExportResult.FAILURE
-        return MetricExportResult.SUCCESS
-
-    def force_flush(self, timeout_millis: float = 10_000) -> bool:
-        return True
-
-    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
-        pass

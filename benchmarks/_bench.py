@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "deploy" / "kafka"))
+import kafka_local  # noqa: E402
 
 
 def start_kafka(default_port: str = "29192") -> tuple[str, Callable[[], None]]:
@@ -19,15 +21,8 @@ def start_kafka(default_port: str = "29192") -> tuple[str, Callable[[], None]]:
     existing = os.environ.get("KAFKA_BOOTSTRAP")
     if existing:
         return existing, lambda: None
-    port = os.environ.get("ATHOMIC_BENCH_KAFKA_PORT", default_port)
-    script = str(ROOT / "deploy" / "kafka" / "kafka-local")
-    out = subprocess.run([script, "start", "--port", port], check=True, capture_output=True,
-                         text=True, timeout=600)
-
-    def stop() -> None:
-        subprocess.run([script, "stop", "--port", port], capture_output=True, timeout=120)
-
-    return out.stdout.strip().splitlines()[-1], stop
+    port = int(os.environ.get("ATHOMIC_BENCH_KAFKA_PORT", default_port))
+    return kafka_local.start(port), lambda: kafka_local.stop(port)
 
 
 @contextmanager

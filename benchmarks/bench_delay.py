@@ -1,4 +1,4 @@
-"""Delayed delivery benchmark (issue 3).
+"""Delayed delivery benchmark.
 
     python benchmarks/bench_delay.py [--rate 2000 --seconds 20] [--runs 3]
 

@@ -1,4 +1,4 @@
-"""Payload pipeline benchmark (issue 4).
+"""Payload pipeline benchmark.
 
     python benchmarks/bench_pipeline.py            # micro + end to end (starts Kafka, Ray)
     python benchmarks/bench_pipeline.py --micro    # only the per-stage comparison

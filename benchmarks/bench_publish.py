@@ -1,4 +1,4 @@
-"""Publishing benchmark (issue 2): athomic against its ceilings, measured in the same run.
+"""Publishing benchmark: athomic against its ceilings, measured in the same run.
 
     python benchmarks/bench_publish.py [--runs 5]
 

@@ -1,4 +1,4 @@
-"""Telemetry overhead benchmark (issue 5).
+"""Telemetry overhead benchmark.
 
     python benchmarks/bench_telemetry.py [--runs 31] [--messages 1000] [--batches 5]
 
@@ -99,7 +99,7 @@ def micro(messages: int, runs: int) -> dict[str, float]:
         handle.publish_batch.remote([{"message": event(i), "key": f"k{i}"}
                                      for i in range(messages)], topic="bench")
     blob = pickle.dumps(lane.calls[0])
-    direct = DirectPublishStrategy(settings)
+    direct = DirectPublishStrategy()
     meter = MeterProvider(metric_readers=[InMemoryMetricReader()])
     on = Telemetry(TelemetrySettings(), tracer_provider=provider, meter_provider=meter)
     off = Telemetry(TelemetrySettings(traces=False, metrics=False))
@@ -110,8 +110,8 @@ def micro(messages: int, runs: int) -> dict[str, float]:
 
     def recorder(tel: Telemetry) -> Callable[[list[Any]], None]:
         def run(requests: list[Any]) -> None:
-            rec = tel.publishing(requests, batch=True, topic_of=direct.topic_for)
-            prepared = [(direct.build(r, Encoded(r.value, [])),
+            rec = tel.publishing(requests, [r.topic for r in requests], batch=True)
+            prepared = [(direct.build(r, Encoded(r.value, []), r.topic),
                          PublishingOutcome.SUCCESS_DIRECT) for r in requests]
             rec.done(prepared, [Meta] * len(requests))
         return run
@@ -119,7 +119,7 @@ def micro(messages: int, runs: int) -> dict[str, float]:
     def span_per_message(requests: list[Any]) -> None:
         spans = []
         for i, r in enumerate(requests):
-            parent = propagate.extract(MessageHeaders.from_kafka(r.headers),
+            parent = propagate.extract(MessageHeaders(r.headers),
                                        getter=HEADERS_GETTER)
             span = tracer.start_span("publish bench", context=parent,
                                      kind=trace.SpanKind.PRODUCER,
@@ -133,7 +133,7 @@ def micro(messages: int, runs: int) -> dict[str, float]:
                 headers=[h for h in r.headers if h[0] not in keys] + carrier.items())
             spans.append(span)
         for r in requests:
-            direct.build(r, Encoded(r.value, []))
+            direct.build(r, Encoded(r.value, []), r.topic)
         for span in spans:
             span.set_attribute("messaging.destination.partition.id", "0")
             span.set_attribute("messaging.kafka.offset", 1)

@@ -3,30 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
-KAFKA_LOCAL = Path(__file__).resolve().parent.parent / "deploy" / "kafka" / "kafka-local"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "deploy" / "kafka"))
+import kafka_local
 
 
 def ensure_kafka() -> tuple[str, bool]:
-    """Bootstrap servers of KAFKA_BOOTSTRAP, or of a local broker started now (then the
-    second value is True: the caller may stop it)."""
-    if os.environ.get("KAFKA_BOOTSTRAP"):
-        return os.environ["KAFKA_BOOTSTRAP"], False
-    running = subprocess.run([str(KAFKA_LOCAL), "status"], capture_output=True, text=True)
-    if running.returncode == 0:
-        return running.stdout.strip().splitlines()[-1], False
-    print("starting a local Apache Kafka (deploy/kafka/kafka-local start) ...", flush=True)
-    out = subprocess.run([str(KAFKA_LOCAL), "start"], capture_output=True, text=True,
-                         check=True)
-    return out.stdout.strip().splitlines()[-1], True
+    """Bootstrap servers of KAFKA_BOOTSTRAP, or of a local broker (started now when none
+    runs: then the second value is True and the caller may stop it)."""
+    return kafka_local.ensure()
 
 
 def stop_kafka() -> None:
-    subprocess.run([str(KAFKA_LOCAL), "stop"], capture_output=True)
+    kafka_local.stop()
 
 
 def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 30.0) -> list[Any]:

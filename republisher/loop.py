@@ -22,23 +22,21 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError, ProducerFenced
-from aiokafka.structs import OffsetAndMetadata
 
 from athomic import envelope
-from athomic.errors import ConfigurationError, MalformedEnvelopeError
-from athomic.messages import (
-    H_DELIVER_AT,
-    H_ERROR,
-    H_ERROR_SOURCE,
-    H_HOP,
-    MessageHeaders,
-    MessagePriority,
+from athomic._kafka import (
+    AIOKAFKA,
+    KafkaClients,
+    KafkaConsumer,
+    KafkaProducer,
+    OffsetAndMetadata,
+    TopicPartition,
 )
+from athomic.errors import ConfigurationError, MalformedEnvelopeError
+from athomic.messages import H_ERROR, H_ERROR_SOURCE, MessageHeaders, MessagePriority
 from athomic.settings import MessagingSettings
-from athomic.strategies import delay_headers
+from athomic.strategies import delay_headers, delivered_record
 from athomic.telemetry import RepublishSpan, Telemetry
 
 from .schedule import (
@@ -50,7 +48,7 @@ from .schedule import (
     OffsetTracker,
     next_step,
 )
-from .topics import ensure_topics
+from .topics import ensure_topics, open_admin
 
 log = logging.getLogger("athomic.republisher")
 
@@ -89,11 +87,12 @@ class BucketRepublisher:
     """Republishes the messages of one delay topic (the partitions of one replica)."""
 
     def __init__(self, settings: MessagingSettings, topic: str, replica: int = 0,
-                 replicas: int = 1) -> None:
+                 replicas: int = 1, *, clients: KafkaClients = AIOKAFKA) -> None:
         by_topic = {t: b for b, t in settings.delay_topics.items()}
         if topic not in by_topic:
             raise ConfigurationError(f"{topic!r} is not one of the delay topics")
         self.settings = settings
+        self.clients = clients
         self.topic = topic
         self.bucket_s = by_topic[topic]
         self.replica = replica
@@ -116,8 +115,8 @@ class BucketRepublisher:
         self.lateness = LatenessStats()
         self.telemetry = Telemetry.from_settings(settings)
         self.counts = {FINAL: 0, CASCADE: 0, DEAD_LETTER: 0, "skipped": 0, "aborted": 0}
-        self.consumer: AIOKafkaConsumer | None = None
-        self.producer: AIOKafkaProducer | None = None
+        self.consumer: KafkaConsumer | None = None
+        self.producer: KafkaProducer | None = None
         self.running = False
         self._stopping = False
         self._backoff_s = 0.1
@@ -127,9 +126,10 @@ class BucketRepublisher:
     async def start(self) -> None:
         """Ensure topics, fence any predecessor, and resume from the committed progress."""
         settings = self.settings
-        partitions = await ensure_topics(settings, settings.delay_topics)
+        partitions = await ensure_topics(settings, settings.delay_topics,
+                                         clients=self.clients)
         options = settings.kafka_client_options()
-        self.producer = AIOKafkaProducer(
+        self.producer = self.clients.producer(
             **options, transactional_id=self.transactional_id, enable_idempotence=True,
             acks="all", linger_ms=0, max_batch_size=settings.producer.max_batch_size,
             max_request_size=settings.producer.max_request_size + 64 * 1024,
@@ -140,7 +140,7 @@ class BucketRepublisher:
         mine = [TopicPartition(self.topic, p) for p in range(partitions[self.topic])
                 if p % self.replicas == self.replica]
         committed = await self._committed(mine)
-        self.consumer = AIOKafkaConsumer(
+        self.consumer = self.clients.consumer(
             **options, group_id=None, enable_auto_commit=False,
             isolation_level="read_committed", auto_offset_reset="earliest",
             fetch_max_wait_ms=50, max_partition_fetch_bytes=4 * 1024 * 1024)
@@ -160,13 +160,11 @@ class BucketRepublisher:
                                                                    tuple[int, str]]:
         if not tps:
             return {}
-        admin = AIOKafkaAdminClient(**self.settings.kafka_client_options())
-        await admin.start()
+        admin = await open_admin(self.settings, self.clients)
         try:
-            found = await admin.list_consumer_group_offsets(self.group_id, partitions=tps)
+            return await admin.committed(self.group_id, tps)
         finally:
             await admin.close()
-        return {tp: (om.offset, om.metadata or "") for tp, om in found.items()}
 
     async def close(self) -> None:
         self.running = False
@@ -295,16 +293,14 @@ class BucketRepublisher:
             nxt = env.next_hop(held.cascade.hold_until_ms)
             return (self.settings.delay_topics[held.cascade.bucket], env.key,
                     envelope.encode(nxt, self.keys), delay_headers(nxt))
-        headers = [h for h in env.headers if h[0] not in (H_DELIVER_AT, H_HOP)]
-        headers += [(H_DELIVER_AT, str(env.deliver_at_ms).encode()),
-                    (H_HOP, str(env.hop).encode())]
-        if span is not None:
-            trace_pairs = span.trace_headers()
-            if trace_pairs:  # the republish span continues the caller's trace
-                out = MessageHeaders.from_kafka(headers)
-                span.inject(out)
-                headers = out.to_kafka()
-        return env.topic, env.key, env.value, headers
+        record = delivered_record(env)
+        headers = record.headers
+        if span is not None and span.trace_headers():
+            # the republish span continues the caller's trace
+            out = MessageHeaders(headers)
+            span.inject(out)
+            headers = out.to_kafka()
+        return record.topic, record.key, record.value, headers
 
     def _plan_commit(self, due: list[Held]
                      ) -> tuple[list[Held], list[Held], dict[TopicPartition, OffsetAndMetadata]]:

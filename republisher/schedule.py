@@ -20,6 +20,7 @@ import heapq
 import itertools
 import math
 import zlib
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -74,6 +75,48 @@ def next_step(buckets: Sequence[float], hold_until_ms: int, deliver_at_ms: int,
     return Cascade(bucket, min(deliver_at_ms, hold_until_ms + round(bucket * 1000)))
 
 
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A delayed message's whole path, assuming every hop happens on time: how many delay
+    topics it passes and the bucket it is released from (its *release bucket*)."""
+
+    hops: int
+    release_bucket: float
+
+
+def plan(buckets: Sequence[float], published_ms: int, deliver_at_ms: int,
+         hold_final_s: float = 0.0) -> Plan:
+    """The path ``first_hop`` then ``next_step`` (on time) give, in closed form: a step
+    always takes the largest bucket that fits, so the path is runs of equal buckets, one
+    run per bucket size, largest first. O(number of buckets) for any delay."""
+    bucket, hold = first_hop(buckets, published_ms, deliver_at_ms)
+    hops, last = 1, bucket
+    remaining = deliver_at_ms - hold
+    final_ms = hold_final_s * 1000
+    for b in sorted(buckets, reverse=True):
+        b_ms = round(b * 1000)
+        # next_step takes b while b fits (choose_bucket) and the time left is not below
+        # the final window; each time, the time left shrinks by b.
+        if remaining < final_ms or b_ms > remaining + 1e-6 or b_ms <= 0:
+            continue
+        fits = int((remaining + 1e-6) // b_ms)
+        not_final = int((remaining - final_ms) // b_ms) + 1 if final_ms > 0 else fits
+        k = min(fits, not_final)
+        if k > 0:
+            hops += k
+            remaining -= k * b_ms
+            last = b
+    return Plan(hops, last)
+
+
+def release_bucket(buckets: Sequence[float], published_ms: int, deliver_at_ms: int,
+                   hold_final_s: float = 0.0) -> float:
+    """The bucket a message is released from on its planned path. Every copy of a message
+    (a retried publish, a late arrival) is released from the same partition of this
+    bucket's delay topic, so one republisher decides it, once."""
+    return plan(buckets, published_ms, deliver_at_ms, hold_final_s).release_bucket
+
+
 # --- the due-time heap ---------------------------------------------------------------------
 class DueHeap(Generic[T]):
     """Items keyed by the time they are due; ties keep insertion order."""
@@ -100,28 +143,125 @@ class DueHeap(Generic[T]):
 
 # --- the offset watermark ------------------------------------------------------------------
 METADATA_PREFIX = "athomic1:"
+METADATA_V2 = "athomic2:"
 MAX_METADATA = 3500  # below Kafka's offset.metadata.max.bytes default of 4096
 
 
-def encode_done(watermark: int, done: Iterable[int]) -> str:
-    """Commit metadata naming offsets above ``watermark`` that are already published:
-    a zlib-compressed bitmap, bit i = offset ``watermark + 1 + i``."""
-    above = sorted(o - watermark - 1 for o in done if o > watermark)
-    if not above:
+def _varint(n: int, out: bytearray) -> None:
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return
+
+
+def _runs(above: list[int]) -> bytes:
+    """Offsets (relative, sorted, distinct) as alternating run lengths: a gap of not-done,
+    then a run of done, ... as varints."""
+    out = bytearray()
+    expected = 0
+    i = 0
+    while i < len(above):
+        gap = above[i] - expected
+        j = i
+        while j + 1 < len(above) and above[j + 1] == above[j] + 1:
+            j += 1
+        _varint(gap, out)
+        _varint(j - i + 1, out)
+        expected = above[j] + 1
+        i = j + 1
+    return bytes(out)
+
+
+def _unruns(data: bytes) -> list[int]:
+    values: list[int] = []
+    n = shift = 0
+    for byte in data:
+        n |= (byte & 0x7F) << shift
+        if byte & 0x80:
+            shift += 7
+        else:
+            values.append(n)
+            n = shift = 0
+    out: list[int] = []
+    pos = 0
+    for gap, run in zip(values[::2], values[1::2], strict=False):
+        pos += gap
+        out.extend(range(pos, pos + run))
+        pos += run
+    return out
+
+
+def encode_done(watermark: int, done: Iterable[int], owner: str = "") -> str:
+    """Commit metadata naming offsets above ``watermark`` that are already published, and
+    the partition's owner (``<connection>@<generation>``, see ``Owner``).
+
+    ``athomic2:<owner>:<b|r><base64 zlib data>``: ``b`` a bitmap (bit i = offset
+    ``watermark + 1 + i``), ``r`` run lengths; whichever is shorter (random holes favour the
+    bitmap, long runs the run lengths)."""
+    above = sorted(o - watermark - 1 for o in set(done) if o > watermark)
+    if not above and not owner:
         return ""
-    bits = bytearray(above[-1] // 8 + 1)
-    for i in above:
-        bits[i >> 3] |= 1 << (i & 7)
-    return METADATA_PREFIX + base64.b64encode(zlib.compress(bytes(bits), 6)).decode()
+    body = ""
+    if above:
+        bits = bytearray(above[-1] // 8 + 1)
+        for i in above:
+            bits[i >> 3] |= 1 << (i & 7)
+        bitmap = zlib.compress(bytes(bits), 6)
+        runs = zlib.compress(_runs(above), 6)
+        kind, data = ("b", bitmap) if len(bitmap) <= len(runs) else ("r", runs)
+        body = kind + base64.b64encode(data).decode()
+    return f"{METADATA_V2}{owner}:{body}"
+
+
+def decode_commit(watermark: int, metadata: str | None) -> tuple[set[int], str]:
+    """(offsets named as already published, owner) of committed ``metadata``."""
+    if not metadata:
+        return set(), ""
+    if metadata.startswith(METADATA_PREFIX):  # written before owners were recorded
+        bits = zlib.decompress(base64.b64decode(metadata[len(METADATA_PREFIX):]))
+        return _from_bits(watermark, bits), ""
+    if not metadata.startswith(METADATA_V2):
+        return set(), ""
+    owner, _, body = metadata[len(METADATA_V2):].partition(":")
+    if not body:
+        return set(), owner
+    data = zlib.decompress(base64.b64decode(body[1:]))
+    if body[0] == "b":
+        return _from_bits(watermark, data), owner
+    return {watermark + 1 + i for i in _unruns(data)}, owner
 
 
 def decode_done(watermark: int, metadata: str | None) -> set[int]:
     """Offsets a committed ``metadata`` names as already published (empty when none)."""
-    if not metadata or not metadata.startswith(METADATA_PREFIX):
-        return set()
-    bits = zlib.decompress(base64.b64decode(metadata[len(METADATA_PREFIX):]))
+    return decode_commit(watermark, metadata)[0]
+
+
+def _from_bits(watermark: int, bits: bytes) -> set[int]:
     return {watermark + 1 + (i << 3) + b
             for i, byte in enumerate(bits) if byte for b in range(8) if byte >> b & 1}
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """Who owns a delay-topic partition, as its commit metadata says: a connection and the
+    generation of the layout its republisher was started with (newer layouts win)."""
+
+    connection: str
+    generation: int
+
+    def __str__(self) -> str:
+        return f"{self.connection}@{self.generation}"
+
+    @classmethod
+    def parse(cls, text: str) -> Owner | None:
+        connection, sep, generation = text.rpartition("@")
+        if not sep or not connection or not generation.isdigit():
+            return None
+        return cls(connection, int(generation))
 
 
 @dataclass
@@ -130,18 +270,21 @@ class OffsetTracker:
 
     ``position`` is the next offset to read. ``pending`` are offsets read but not yet
     published (held, or in a transaction not yet committed). ``done`` are offsets published
-    above the lowest pending one. The committed offset (the watermark) is the lowest pending
-    offset, or ``position`` when nothing is pending; the metadata names ``done``, so a
-    restart neither loses a pending message nor republishes a done one.
+    out of order: above the lowest pending one, and any the commit metadata named that are
+    not read again yet. The committed offset (the watermark) is the lowest pending offset,
+    or ``position`` when nothing is pending, moved past any offsets known done; the
+    metadata names the done offsets above it. So a restart, whatever the fetch boundaries,
+    neither loses a pending message nor republishes a done one.
     """
 
     position: int
     pending: set[int] = field(default_factory=set)
     done: set[int] = field(default_factory=set)
+    owner: str = ""
 
     @classmethod
-    def from_commit(cls, offset: int, metadata: str | None) -> OffsetTracker:
-        return cls(position=offset, done=decode_done(offset, metadata))
+    def from_commit(cls, offset: int, metadata: str | None, owner: str = "") -> OffsetTracker:
+        return cls(position=offset, done=decode_done(offset, metadata), owner=owner)
 
     def is_done(self, offset: int) -> bool:
         return offset in self.done
@@ -153,21 +296,85 @@ class OffsetTracker:
         if not done:
             self.pending.add(offset)
 
+    def _watermark(self, pending: set[int], done: set[int]) -> int:
+        mark = min(pending) if pending else self.position
+        while mark in done:  # published already (out of order, or before a restart)
+            mark += 1
+        return mark
+
+    def watermark(self) -> int:
+        return self._watermark(self.pending, self.done)
+
     def commit_point(self, finishing: Iterable[int] = ()) -> tuple[int, str]:
         """(offset, metadata) to commit if ``finishing`` complete; changes nothing."""
         finishing = set(finishing)
         pending = self.pending - finishing
-        watermark = min(pending) if pending else self.position
-        done = (self.done | finishing) if pending else set()
-        return watermark, encode_done(watermark, done)
+        done = self.done | finishing
+        mark = self._watermark(pending, done)
+        return mark, encode_done(mark, done, self.owner)
 
     def finish(self, offsets: Iterable[int]) -> None:
         """The transaction publishing ``offsets`` committed."""
         offsets = set(offsets)
         self.pending -= offsets
         self.done |= offsets
-        watermark = min(self.pending) if self.pending else self.position
-        self.done = {o for o in self.done if o > watermark}
+        # Keep what a later read must still skip: done offsets at or above the watermark,
+        # and those not read yet (the watermark may have moved past them).
+        keep = min(self.watermark(), self.position)
+        self.done = {o for o in self.done if o >= keep}
+
+
+# --- recently released message ids ----------------------------------------------------------
+class RecentIds:
+    """Message ids released in the last ``window_ms``, compactly: the current time slice in
+    a set, older slices as sorted arrays of 64-bit hashes (8 bytes an id). Membership is
+    by hash; with 64 bits, a false "seen" among millions of ids is about 1 in 10^7."""
+
+    def __init__(self, window_ms: int, slice_ms: int = 10_000) -> None:
+        self.window_ms = window_ms
+        self.slice_ms = max(1, min(slice_ms, window_ms))
+        self._current: set[int] = set()
+        self._current_start: int | None = None
+        self._slices: list[tuple[int, array[int]]] = []  # (slice start ms, sorted hashes)
+
+    @staticmethod
+    def _hash(message_id: str) -> int:
+        return hash(message_id)
+
+    def add(self, message_id: str, now_ms: int) -> None:
+        self._roll(now_ms)
+        self._current.add(self._hash(message_id))
+
+    def __contains__(self, message_id: object) -> bool:
+        if not isinstance(message_id, str):
+            return False
+        h = self._hash(message_id)
+        if h in self._current:
+            return True
+        for _, hashes in self._slices:
+            i = bisect.bisect_left(hashes, h)
+            if i < len(hashes) and hashes[i] == h:
+                return True
+        return False
+
+    def _roll(self, now_ms: int) -> None:
+        if self._current_start is None:
+            self._current_start = now_ms
+        elif now_ms - self._current_start >= self.slice_ms:
+            if self._current:
+                self._slices.append((self._current_start, array("q", sorted(self._current))))
+            self._current = set()
+            self._current_start = now_ms
+        horizon = now_ms - self.window_ms
+        while self._slices and self._slices[0][0] + self.slice_ms < horizon:
+            self._slices.pop(0)
+
+    def __len__(self) -> int:
+        return len(self._current) + sum(len(h) for _, h in self._slices)
+
+    def nbytes(self) -> int:
+        """Memory the ids take, near enough."""
+        return 64 * len(self._current) + sum(8 * len(h) for _, h in self._slices)
 
 
 # --- lateness ------------------------------------------------------------------------------

@@ -1,18 +1,16 @@
-"""Delay and dead-letter topics: created when missing, refused when they would lose data."""
+"""Delay and dead-letter topics: created when missing, refused when they would lose data;
+and the republisher's progress in them, as the brokers see it."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import KafkaError
-
-from athomic.errors import ConfigurationError, MessagingConnectionError
+from athomic._kafka import AIOKAFKA, KafkaAdmin, KafkaClients, TopicPartition, TopicSpec
+from athomic._kafka import connection_error as _connection_error
+from athomic.errors import ConfigurationError
 from athomic.settings import MessagingSettings
 
 WEEK_MS = 7 * 24 * 3600 * 1000
-_TOPIC_ALREADY_EXISTS = 36
 
 
 def required_retention_ms(settings: MessagingSettings, bucket_s: float) -> int:
@@ -26,63 +24,93 @@ def created_retention_ms(settings: MessagingSettings, bucket_s: float) -> int:
     return max(WEEK_MS, 2 * required_retention_ms(settings, bucket_s))
 
 
+async def open_admin(settings: MessagingSettings, clients: KafkaClients = AIOKAFKA
+                     ) -> KafkaAdmin:
+    """A started admin client; MessagingConnectionError when the brokers cannot be
+    reached."""
+    admin = clients.admin(**settings.kafka_client_options())
+    try:
+        await admin.start()
+    except Exception as exc:
+        await admin.close()
+        raise _connection_error(exc, settings.bootstrap_servers) from None
+    return admin
+
+
 async def ensure_topics(settings: MessagingSettings, topics: dict[float, str],
-                        with_dead_letter: bool = True) -> dict[str, int]:
+                        with_dead_letter: bool = True, *,
+                        clients: KafkaClients = AIOKAFKA) -> dict[str, int]:
     """Create missing delay topics (and the dead-letter topic); refuse an existing delay
     topic whose retention is shorter than ``required_retention_ms``. Returns each topic's
     partition count."""
     rep = settings.republisher
-    admin = AIOKafkaAdminClient(**settings.kafka_client_options())
-    try:
-        await admin.start()
-    except KafkaError as exc:
-        await admin.close()
-        raise MessagingConnectionError(f"cannot reach the Kafka brokers: {exc!r}") from None
+    admin = await open_admin(settings, clients)
     try:
         wanted = {topic: bucket for bucket, topic in topics.items()}
-        existing = set(await admin.list_topics())
-        missing = [t for t in wanted if t not in existing]
         dlq = rep.dead_letter_topic
-        replication = rep.replication_factor or min(
-            3, len((await admin.describe_cluster())["brokers"]))
-        new = [NewTopic(t, rep.partitions, replication,
-                        topic_configs={"retention.ms": str(created_retention_ms(
-                            settings, wanted[t]))}) for t in missing]
+        names = list(wanted) + ([dlq] if with_dead_letter else [])
+        existing = await admin.partition_counts(names)
+        replication = rep.replication_factor or min(3, await admin.broker_count())
+        new = [TopicSpec(t, rep.partitions, replication,
+                         {"retention.ms": str(created_retention_ms(settings, wanted[t]))})
+               for t in wanted if t not in existing]
         if with_dead_letter and dlq not in existing:
-            new.append(NewTopic(dlq, 1, replication,
-                                topic_configs={"retention.ms": str(4 * WEEK_MS)}))
-        if new:
-            response = await admin.create_topics(new)
-            for entry in response.topic_errors:
-                name, code = entry[0], entry[1]
-                if code not in (0, _TOPIC_ALREADY_EXISTS):
-                    message = entry[2] if len(entry) > 2 else ""
-                    raise ConfigurationError(
-                        f"cannot create topic {name!r}: error {code} {message}")
+            new.append(TopicSpec(dlq, 1, replication, {"retention.ms": str(4 * WEEK_MS)}))
+        await admin.create_topics(new)
         await _check_retention(admin, settings, wanted)
-        meta = await admin.describe_topics(list(wanted) + ([dlq] if with_dead_letter else []))
-        return {t["topic"]: len(t["partitions"]) for t in meta}
+        counts = await admin.partition_counts(names)
+        missing = [t for t in names if t not in counts]
+        if missing:
+            raise ConfigurationError(f"topics {missing} could not be created")
+        return counts
     finally:
         await admin.close()
 
 
-async def _check_retention(admin: Any, settings: MessagingSettings,
+async def _check_retention(admin: KafkaAdmin, settings: MessagingSettings,
                            wanted: dict[str, float]) -> None:
-    responses = await admin.describe_configs(
-        [ConfigResource(ConfigResourceType.TOPIC, t, {"retention.ms": None}) for t in wanted])
-    for response in responses:
-        for resource in response.resources:
-            name = resource[3]
-            configs = {c[0]: c[1] for c in resource[4]}
-            value = configs.get("retention.ms")
-            if value is None:
+    for name, value in (await admin.topic_config(wanted, "retention.ms")).items():
+        if value is None:
+            continue
+        retention = int(value)
+        need = required_retention_ms(settings, wanted[name])
+        if 0 <= retention < need:
+            raise ConfigurationError(
+                f"delay topic {name!r} keeps records {retention} ms, shorter than its "
+                f"bucket ({wanted[name]} s) plus republisher.retention_margin_s "
+                f"({settings.republisher.retention_margin_s} s) = {need} ms: delayed "
+                "messages could expire before they are due. Raise the topic's "
+                "retention.ms or use another topic")
+
+
+async def progress(settings: MessagingSettings, *, clients: KafkaClients = AIOKAFKA
+                   ) -> list[dict[str, Any]]:
+    """Per delay-topic partition: end offset, committed offset, lag (a row with partition
+    None for a delay topic that does not exist yet)."""
+    options = settings.kafka_client_options()
+    admin = await open_admin(settings, clients)
+    consumer = clients.consumer(**options, isolation_level="read_committed")
+    try:
+        try:
+            await consumer.start()
+        except Exception as exc:
+            raise _connection_error(exc, settings.bootstrap_servers) from None
+        counts = await admin.partition_counts(settings.delay_topics.values())
+        rows: list[dict[str, Any]] = []
+        for bucket, topic in settings.delay_topics.items():
+            tps = [TopicPartition(topic, p) for p in range(counts.get(topic, 0))]
+            if not tps:
+                rows.append({"bucket_s": bucket, "topic": topic, "partition": None,
+                             "end": 0, "committed": 0, "lag": 0})
                 continue
-            retention = int(value)
-            need = required_retention_ms(settings, wanted[name])
-            if 0 <= retention < need:
-                raise ConfigurationError(
-                    f"delay topic {name!r} keeps records {retention} ms, shorter than its "
-                    f"bucket ({wanted[name]} s) plus republisher.retention_margin_s "
-                    f"({settings.republisher.retention_margin_s} s) = {need} ms: delayed "
-                    "messages could expire before they are due. Raise the topic's "
-                    "retention.ms or use another topic")
+            ends = await consumer.end_offsets(tps)
+            committed = await admin.committed(settings.republisher_group, tps)
+            for tp in tps:
+                offset = committed.get(tp, (0, ""))[0]
+                rows.append({"bucket_s": bucket, "topic": topic, "partition": tp.partition,
+                             "end": ends[tp], "committed": offset,
+                             "lag": max(ends[tp] - offset, 0)})
+        return rows
+    finally:
+        await consumer.stop()
+        await admin.close()

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import os
-import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +16,10 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-KAFKA_LOCAL = ROOT / "deploy" / "kafka" / "kafka-local"
+sys.path.insert(0, str(ROOT / "deploy" / "kafka"))
+import kafka_local  # noqa: E402
+
+KAFKA_LOCAL = kafka_local.SCRIPT
 TEST_PORT = int(os.environ.get("ATHOMIC_TEST_KAFKA_PORT", "19092"))
 
 
@@ -26,14 +29,11 @@ def kafka_bootstrap() -> Iterator[str]:
     if existing:
         yield existing
         return
-    out = subprocess.run([str(KAFKA_LOCAL), "start", "--port", str(TEST_PORT)],
-                         check=True, capture_output=True, text=True, timeout=600)
-    bootstrap = out.stdout.strip().splitlines()[-1]
+    bootstrap = kafka_local.start(TEST_PORT)
     try:
         yield bootstrap
     finally:
-        subprocess.run([str(KAFKA_LOCAL), "stop", "--port", str(TEST_PORT)],
-                       capture_output=True, timeout=120)
+        kafka_local.stop(TEST_PORT)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import pytest
 import ray.cloudpickle
 from helpers import read_records
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
 import map_batches_events
 import ray_tasks_fanout

@@ -23,9 +23,10 @@ def test_physical_priority_topics() -> None:
 
 
 def test_direct_record_owns_id_priority_and_pipeline_headers() -> None:
-    strategy = DirectPublishStrategy(MessagingSettings(priority_topics=True))
+    strategy = DirectPublishStrategy()
     record = strategy.build(request(MessagePriority.HIGH),
-                            Encoded(b"zz", [("content-encoding", b"zstd")]))
+                            Encoded(b"zz", [("content-encoding", b"zstd")]),
+                            physical_topic("orders", MessagePriority.HIGH, True))
     assert record.topic == "orders.high"
     assert (record.key, record.value) == (b"k", b"zz")
     h = MessageHeaders(record.headers)
@@ -42,7 +43,7 @@ def test_delayed_record_is_an_envelope_in_the_right_bucket() -> None:
     settings = MessagingSettings(delay_topics={1: "d1", 10: "d10", 60: "d60"})
     mid = "01890a5d-ac96-774b-bcce-b302099a8057"
     req = request()._replace(published_at=1000.0, deliver_at=1000.0 + 25.5, message_id=mid)
-    record = DelayedPublishStrategy(settings).build(req, Encoded(b"zz", []))
+    record = DelayedPublishStrategy(settings).build(req, Encoded(b"zz", []), req.topic)
     assert record.topic == "d10" and record.key == b"k"
     env = decode(record.value or b"")
     assert (env.topic, env.key, env.value, env.hop) == ("orders", b"k", b"zz", 1)
@@ -59,8 +60,8 @@ def test_due_before_reaching_the_producer_goes_direct_saying_when_it_was_due() -
     late = request()._replace(deliver_at=999.0)
     assert actor.strategy_for(late, now=1000.0) is actor.direct
     assert actor.strategy_for(late, now=998.0) is actor.delayed
-    record = actor.direct.build(late, Encoded(b"{}", []))
+    record = actor.direct.build(late, Encoded(b"{}", []), late.topic)
     assert MessageHeaders(record.headers)["athomic-deliver-at"] == b"999000"
     spoof = request()._replace(headers=[("athomic-hop", b"7"), ("athomic-deliver-at", b"1")])
     assert "athomic-hop" not in MessageHeaders(
-        actor.direct.build(spoof, Encoded(b"{}", [])).headers)
+        actor.direct.build(spoof, Encoded(b"{}", []), spoof.topic).headers)

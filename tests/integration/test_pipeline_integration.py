@@ -30,7 +30,7 @@ from athomic.actors.topology import NAMESPACE, actor_names
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 KEY = base64.b64encode(os.urandom(32)).decode()
 
 

@@ -28,12 +28,12 @@ from athomic import (
 from athomic.messages import PublishingOutcome, PublishRequest, new_message_id
 from athomic.pipeline import EncodeItem, Pipeline
 from athomic.settings import TelemetrySettings
-from athomic.strategies import DirectPublishStrategy, OutgoingRecord
+from athomic.strategies import DirectPublishStrategy, OutgoingRecord, physical_topic
 from athomic.telemetry import _OFF, RepublishSpan, Telemetry
 
 SETTINGS = MessagingSettings(bootstrap_servers="broker-1:9093,broker-2:9093",
                              client_id="athomic-test", priority_topics=True)
-DIRECT = DirectPublishStrategy(SETTINGS)
+DIRECT = DirectPublishStrategy()
 
 
 @dataclass
@@ -83,11 +83,16 @@ def request(topic: str = "orders", *, key: bytes | None = b"user-1", value: byte
     return copy
 
 
+def topics(requests: list[PublishRequest]) -> list[str]:
+    """Physical topics, as the ProducerActor computes them."""
+    return [physical_topic(r.topic, r.priority, SETTINGS.priority_topics) for r in requests]
+
+
 def build(requests: list[PublishRequest]) -> list[tuple[OutgoingRecord, PublishingOutcome]]:
     from athomic.pipeline import Encoded
 
-    return [(DIRECT.build(r, Encoded(r.value, [])), PublishingOutcome.SUCCESS_DIRECT)
-            for r in requests]
+    return [(DIRECT.build(r, Encoded(r.value, []), t), PublishingOutcome.SUCCESS_DIRECT)
+            for r, t in zip(requests, topics(requests), strict=True)]
 
 
 def ids(span: Any) -> tuple[str, str]:
@@ -106,7 +111,7 @@ def test_publish_span_is_a_child_of_the_caller_with_semconv_attributes(setup: Se
     with setup.caller.start_as_current_span("caller") as caller:
         req = request(key=b"user-1", value=b'{"a":1}', priority=MessagePriority.HIGH)
     reqs = [req]
-    recorder = setup.telemetry.publishing(reqs, batch=False, topic_of=DIRECT.topic_for)
+    recorder = setup.telemetry.publishing(reqs, topics(reqs), batch=False)
     prepared = build(reqs)
     recorder.done(prepared, [Meta(partition=3, offset=41)])
     (span,) = setup.spans("publish orders.high")
@@ -142,7 +147,7 @@ def test_batch_has_one_span_per_topic_and_caller_context(setup: Setup) -> None:
         b = [request("orders"), request("payments")]
     untraced = [request("orders")]
     batch = [a[0], b[0], a[1], b[1], untraced[0], a[2]]
-    recorder = setup.telemetry.publishing(batch, batch=True)
+    recorder = setup.telemetry.publishing(batch, topics(batch), batch=True)
     prepared = build(batch)
     recorder.done(prepared, [Meta(0, i) for i in range(len(batch))])
     spans = setup.spans()
@@ -174,7 +179,7 @@ def test_batch_has_one_span_per_topic_and_caller_context(setup: Setup) -> None:
 def test_partitions_differ_so_no_partition_attribute(setup: Setup) -> None:
     with setup.caller.start_as_current_span("caller"):
         batch = [request() for _ in range(2)]
-    recorder = setup.telemetry.publishing(batch, batch=True)
+    recorder = setup.telemetry.publishing(batch, topics(batch), batch=True)
     recorder.done(build(batch), [Meta(0, 1), Meta(1, 1)])
     (span,) = setup.spans()
     assert "messaging.destination.partition.id" not in (span.attributes or {})
@@ -183,7 +188,7 @@ def test_partitions_differ_so_no_partition_attribute(setup: Setup) -> None:
 def test_unacknowledged_message_fails_its_span(setup: Setup) -> None:
     with setup.caller.start_as_current_span("caller"):
         batch = [request(), request()]
-    recorder = setup.telemetry.publishing(batch, batch=True)
+    recorder = setup.telemetry.publishing(batch, topics(batch), batch=True)
     error = PublishError("no acknowledgement for 'orders' in time", topic="orders")
     recorder.done(build(batch), [Meta(0, 1), error])
     (span,) = setup.spans()
@@ -196,7 +201,7 @@ def test_unacknowledged_message_fails_its_span(setup: Setup) -> None:
 def test_abort_fails_every_span(setup: Setup) -> None:
     with setup.caller.start_as_current_span("caller"):
         batch = [request("a"), request("b")]
-    recorder = setup.telemetry.publishing(batch, batch=True)
+    recorder = setup.telemetry.publishing(batch, topics(batch), batch=True)
     recorder.abort(RecordTooLargeError("too big", size=10, limit=5))
     spans = setup.spans()
     assert len(spans) == 2
@@ -208,7 +213,7 @@ def test_invalid_traceparent_reaching_the_actor_starts_a_new_trace(setup: Setup)
     bad = request(headers=MessageHeaders({"traceparent": "00-zzzz-yyyy-01",
                                           "tracestate": "x=y"}))
     bads = [bad]
-    recorder = setup.telemetry.publishing(bads, batch=False)
+    recorder = setup.telemetry.publishing(bads, topics(bads), batch=False)
     prepared = build(bads)
     recorder.done(prepared, [Meta(0, 0)])
     (span,) = setup.spans()
@@ -224,7 +229,7 @@ def test_without_an_sdk_the_callers_context_passes_through() -> None:
     with caller.start_as_current_span("caller") as span:
         req = request()
     reqs = [req]
-    recorder = telemetry.publishing(reqs, batch=False)
+    recorder = telemetry.publishing(reqs, topics(reqs), batch=False)
     prepared = build(reqs)
     recorder.done(prepared, [Meta(0, 0)])
     assert traceparent_ids(prepared[0][0].headers) == ids(span)
@@ -234,7 +239,7 @@ def test_everything_off_is_a_shared_no_op() -> None:
     telemetry = Telemetry(TelemetrySettings(traces=False, metrics=False))
     req = request()
     before = req.headers.copy()
-    recorder = telemetry.publishing([req], batch=False)
+    recorder = telemetry.publishing([req], [r.topic for r in [req]], batch=False)
     assert recorder is _OFF and recorder.observe is None
     recorder.done(build([req]), [Meta(0, 0)])
     recorder.abort(RuntimeError("x"))
@@ -250,7 +255,7 @@ async def test_pipeline_spans_wrap_each_run_of_stages() -> None:
     pipeline = Pipeline.from_settings(settings)
     with setup.caller.start_as_current_span("caller"):
         batch = [request(value=b'{"x":"' + b"y" * 600 + b'"}') for _ in range(4)]
-    recorder = setup.telemetry.publishing(batch, batch=True)
+    recorder = setup.telemetry.publishing(batch, topics(batch), batch=True)
     assert recorder.observe is not None
     items = [EncodeItem(r.value, r.topic, r.key, r.message_id) for r in batch]
     await pipeline.encode_batch(items, observe=recorder.observe)
@@ -265,7 +270,7 @@ async def test_pipeline_spans_wrap_each_run_of_stages() -> None:
         "athomic.pipeline.placement": "inline",
         "messaging.batch.message_count": 4}
     # off by default
-    assert Setup().telemetry.publishing(batch, batch=True).observe is None
+    assert Setup().telemetry.publishing(batch, topics(batch), batch=True).observe is None
     asyncio.get_running_loop()  # (an async test: encode_batch is a coroutine)
 
 
@@ -275,7 +280,7 @@ def stored_headers(setup: Setup) -> tuple[list[tuple[str, bytes]], Any, Any]:
     with setup.caller.start_as_current_span("caller") as caller:
         req = request("notifications", headers=MessageHeaders({"x-app": "1"}))
     reqs = [req]
-    recorder = setup.telemetry.publishing(reqs, batch=False)
+    recorder = setup.telemetry.publishing(reqs, topics(reqs), batch=False)
     prepared = build(reqs)
     recorder.done(prepared, [Meta(0, 0)])
     (publish_span,) = setup.spans("publish notifications")

@@ -178,7 +178,7 @@ def test_published_at_header_is_the_callers_publish_time() -> None:
     before = time.time()
     h.publish.remote(topic="t", message=1)
     request = actor.calls[-1]
-    record = DirectPublishStrategy(MessagingSettings()).build(request, Encoded(b"1", []))
+    record = DirectPublishStrategy().build(request, Encoded(b"1", []), request.topic)
     value = MessageHeaders(record.headers)["athomic-published-at"]
     assert int(value) == round(request.published_at * 1000)
     assert before - 1 <= int(value) / 1000 <= time.time() + 1

@@ -18,7 +18,7 @@ HERE = Path(__file__).resolve().parent
 @pytest.mark.timeout(600)
 def test_node_loss_mid_stream_loses_nothing(kafka_bootstrap: str) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(HERE), os.environ.get("PYTHONPATH", "")])}
+        [str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, str(HERE / "cluster_scenario.py"), kafka_bootstrap],
                          capture_output=True, text=True, timeout=540, env=env, cwd=HERE)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]

@@ -25,13 +25,14 @@ from athomic import (
     SerializationError,
 )
 from athomic import telemetry as tm
+from athomic._exporters import check_exporter
 from athomic.messages import PublishingOutcome, PublishRequest, new_message_id
 from athomic.pipeline import Encoded
 from athomic.settings import TelemetrySettings
 from athomic.strategies import DirectPublishStrategy
-from athomic.telemetry import Telemetry, check_exporter
+from athomic.telemetry import Telemetry
 
-DIRECT = DirectPublishStrategy(MessagingSettings())
+DIRECT = DirectPublishStrategy()
 
 
 class Meta:
@@ -77,15 +78,16 @@ def test_publish_metrics_by_topic_outcome_priority(reader: InMemoryMetricReader)
     tel = telemetry(reader)
     batch = [request("orders"), request("orders"), request("orders", MessagePriority.HIGH),
              request("payments")]
-    recorder = tel.publishing(batch, batch=True)
-    prepared = [(DIRECT.build(r, Encoded(r.value, [])), PublishingOutcome.SUCCESS_DIRECT)
+    recorder = tel.publishing(batch, [r.topic for r in batch], batch=True)
+    prepared = [(DIRECT.build(r, Encoded(r.value, []), r.topic), PublishingOutcome.SUCCESS_DIRECT)
                 for r in batch]
     prepared[3] = (prepared[3][0], PublishingOutcome.SUCCESS_DELAYED)
     failure = PublishError("not acknowledged", topic="orders")
     recorder.done(prepared, [Meta(), failure, Meta(), Meta()])
     single = [request("orders")]
-    tel.publishing(single, batch=False).done(
-        [(DIRECT.build(single[0], Encoded(b"{}", [])), PublishingOutcome.SUCCESS_DIRECT)],
+    tel.publishing(single, [r.topic for r in single], batch=False).done(
+        [(DIRECT.build(single[0], Encoded(b"{}", []), single[0].topic),
+          PublishingOutcome.SUCCESS_DIRECT)],
         [Meta()])
 
     got = points(reader)
@@ -130,7 +132,7 @@ def test_publish_metrics_by_topic_outcome_priority(reader: InMemoryMetricReader)
 
 def test_abort_counts_the_error(reader: InMemoryMetricReader) -> None:
     tel = telemetry(reader)
-    tel.publishing([request("t")], batch=False).abort(
+    tel.publishing([request("t")], [r.topic for r in [request("t")]], batch=False).abort(
         SerializationError("cannot serialise"))
     got = points(reader)
     assert [(a, p.value) for a, p in got["athomic.errors"]] == [
@@ -179,8 +181,8 @@ def test_metrics_off_records_nothing(reader: InMemoryMetricReader) -> None:
     tel.record_dlq(source_topic="d", error_type="X")
     tel.record_error("X", operation="republish")
     tel.record_sent(1, topic="t", outcome="success_direct")
-    rec = tel.publishing([request("t")], batch=False)
-    rec.done([(DIRECT.build(request("t"), Encoded(b"{}", [])),
+    rec = tel.publishing([request("t")], [r.topic for r in [request("t")]], batch=False)
+    rec.done([(DIRECT.build(request("t"), Encoded(b"{}", []), request("t").topic),
                PublishingOutcome.SUCCESS_DIRECT)], [Meta()])
     assert reader.get_metrics_data() is None or not points(reader)
 
@@ -254,9 +256,10 @@ def test_file_exporter_writes_spans_and_metrics(tmp_path: Path) -> None:
                          priority=MessagePriority.NORMAL, deliver_at=None,
                          message_id=new_message_id(), published_at=1.0)
     reqs = [req]
-    recorder = tel.publishing(reqs, batch=False)
+    recorder = tel.publishing(reqs, [r.topic for r in reqs], batch=False)
     recorder.done(
-        [(DIRECT.build(reqs[0], Encoded(b"{}", [])), PublishingOutcome.SUCCESS_DIRECT)],
+        [(DIRECT.build(reqs[0], Encoded(b"{}", []), reqs[0].topic),
+          PublishingOutcome.SUCCESS_DIRECT)],
         [Meta()])
     tel.record_lateness(0.5, delay_topic="d", topic="orders")
     tel.flush()

@@ -70,10 +70,10 @@ def publish(s: MessagingSettings, message: Any, *, topic: str = "orders.v1",
                              content_type=content_type, schema=schema,
                              priority=MessagePriority.NORMAL, deliver_at=None,
                              message_id=new_message_id(), published_at=0.0)
-    direct = DirectPublishStrategy(s)
-    encoded = pipe.encode(value, topic=direct.topic_for(request), key=key,
+    direct = DirectPublishStrategy()
+    encoded = pipe.encode(value, topic=request.topic, key=key,
                           message_id=request.message_id, content_type=content_type)
-    record = direct.build(request, encoded)
+    record = direct.build(request, encoded, request.topic)
     return Record(record.topic, record.key, record.value, record.headers)
 
 
@@ -159,8 +159,8 @@ def test_pipeline_headers_from_caller_are_dropped() -> None:
         headers=[(H_CONTENT_ENCODING, b"gzip"), (H_KEY_ID, b"forged"), ("x-mine", b"kept")],
         content_type=content_type, schema=schema, priority=MessagePriority.NORMAL,
         deliver_at=None, message_id=new_message_id(), published_at=0.0)
-    record = DirectPublishStrategy(s).build(request, pipe.encode(value, topic="t", key=None,
-                                                                message_id="m"))
+    record = DirectPublishStrategy().build(request, pipe.encode(value, topic="t", key=None,
+                                                                message_id="m"), request.topic)
     names = [k for k, _ in record.headers]
     assert H_CONTENT_ENCODING not in names and H_KEY_ID not in names and "x-mine" in names
 

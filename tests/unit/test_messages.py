@@ -34,7 +34,7 @@ def test_headers_from_mapping_and_update() -> None:
     assert h.items() == [("k", b"v"), ("n", b"1")]
     h.update(MessageHeaders({"k": "w"}))
     assert h["k"] == b"w"
-    assert MessageHeaders.from_kafka((("a", None), ("b", b"x"))).items() == [
+    assert MessageHeaders((("a", None), ("b", b"x"))).items() == [
         ("a", b""), ("b", b"x")]
 
 
@@ -70,3 +70,17 @@ def test_priority_values_and_parse() -> None:
     assert MessagePriority.parse(MessagePriority.LOW) is MessagePriority.LOW
     with pytest.raises(InvalidHeaderError):
         MessagePriority.parse("urgent")
+
+
+def test_one_coercion_for_every_shape_of_headers() -> None:
+    pairs = [("a", b"1"), ("b", "2"), ("a", b"3")]
+    as_list = MessageHeaders(pairs)
+    assert MessageHeaders(tuple(pairs)) == as_list  # aiokafka gives tuples
+    assert MessageHeaders.of(as_list) is as_list  # no copy of what already is one
+    assert MessageHeaders(as_list) is not as_list
+    assert as_list.last_values() == {"a": b"3", "b": b"2"}
+    assert MessageHeaders({"a": "3", "b": b"2"}).last_values() == as_list.last_values()
+    assert MessageHeaders.of(None).items() == []
+    for bad in ([("", b"x")], [(1, b"x")], [("a", 1)], ["abc"]):
+        with pytest.raises(InvalidHeaderError):
+            MessageHeaders(bad)  # type: ignore[arg-type]

@@ -6,6 +6,7 @@ exercised in test_publish.py.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import datetime as dt
 import threading
@@ -15,10 +16,14 @@ from typing import Any
 import pytest
 
 from athomic import (
+    BackpressureTimeoutError,
     InvalidDelayError,
     InvalidHeaderError,
     MessagePriority,
     MessagingSettings,
+    PublishError,
+    PublishingOutcome,
+    RecordTooLargeError,
     SerializationError,
     ValidationError,
 )
@@ -138,8 +143,9 @@ def test_power_of_two_choices_avoids_the_busy_actor() -> None:
     handle, lanes = make()
     busy = lanes["normal"][0]
     # occupy actor 0 with a large unfinished batch
-    handle._in_flight["normal"][0] = 500
-    handle._lane_total["normal"] = 500
+    window = handle._windows["normal"]
+    window.loads[0] = 500
+    window.total = 500
     for _ in range(60):
         handle.publish.remote(topic="t", message=1)
     assert not busy.calls
@@ -166,4 +172,80 @@ def test_in_flight_window_blocks_and_releases() -> None:
     handle.publish.remote(topic="t", message=1, priority="high")
     lanes["normal"][0].calls[0][1].fut.set_result("ok")
     assert done.wait(2)
-    assert handle._lane_total["normal"] == 3
+    assert handle._windows["normal"].total == 3
+
+
+def test_full_lane_times_out_with_a_typed_error_and_sends_nothing() -> None:
+    handle, lanes = make(lanes={"max_in_flight": 2, "normal": 1, "acquire_timeout_s": 0.2})
+    for _ in range(2):
+        handle.publish.remote(topic="t", message=1)
+    start = time.monotonic()
+    with pytest.raises(BackpressureTimeoutError, match="acquire_timeout_s"):
+        handle.publish.remote(topic="t", message=1)
+    assert 0.15 < time.monotonic() - start < 2
+    assert len(lanes["normal"][0].calls) == 2
+
+
+async def test_await_publish_waits_for_room_without_blocking_the_event_loop() -> None:
+    handle, lanes = make(lanes={"max_in_flight": 1, "normal": 1})
+    handle.publish.remote(topic="t", message=0)  # the lane is now full
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    ticking = asyncio.create_task(ticker())
+    waiting = asyncio.ensure_future(handle.publish(topic="t", message=1))
+    await asyncio.sleep(0.3)
+    assert not waiting.done() and ticks >= 10  # the loop kept running
+    assert len(lanes["normal"][0].calls) == 1
+    # an acknowledgement completes on another thread (as Ray does): room is given back
+    first = lanes["normal"][0].calls[0][1]
+    threading.Thread(target=first.fut.set_result, args=("ok",)).start()
+    for _ in range(100):
+        if len(lanes["normal"][0].calls) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert len(lanes["normal"][0].calls) == 2
+    assert lanes["normal"][0].calls[1][0].value == b"1"
+    ticking.cancel()
+    waiting.cancel()
+
+
+async def test_await_publish_on_a_full_lane_times_out_typed() -> None:
+    handle, _ = make(lanes={"max_in_flight": 1, "normal": 1, "acquire_timeout_s": 0.2})
+    handle.publish.remote(topic="t", message=0)
+    with pytest.raises(BackpressureTimeoutError):
+        await handle.publish(topic="t", message=1)
+
+
+def test_merged_lanes_report_failures_and_outcomes_by_the_callers_index() -> None:
+    from athomic._handle import merge_lane_results
+
+    ok, delayed = PublishingOutcome.SUCCESS_DIRECT, PublishingOutcome.SUCCESS_DELAYED
+    # the caller's batch: 0 normal, 1 high, 2 normal, 3 high, 4 normal
+    order = [[0, 2, 4], [1, 3]]
+    assert merge_lane_results(order, [[ok, delayed, ok], [ok, ok]]) == \
+        [ok, ok, delayed, ok, ok]
+    # the NORMAL lane lost its second message; HIGH went through
+    normal_error = PublishError("1 of 3", failures={1: "KafkaTimeoutError: late"},
+                                outcomes=[ok, None, ok])
+    with pytest.raises(PublishError) as caught:
+        merge_lane_results(order, [normal_error, [ok, ok]])
+    assert caught.value.failures == {2: "KafkaTimeoutError: late"}
+    assert caught.value.outcomes == [ok, ok, None, ok, ok]
+    assert "#2" in str(caught.value)
+    # a lane refused before sending (too large): its messages failed, the other's kept
+    too_big = RecordTooLargeError("record is big", size=9, limit=1, index=1)
+    with pytest.raises(PublishError) as caught:
+        merge_lane_results(order, [[ok, ok, ok], too_big])
+    assert set(caught.value.failures) == {1, 3}
+    assert caught.value.outcomes == [ok, None, ok, None, ok]
+    assert too_big.index == 3 and str(too_big).startswith("message #3: ")
+    # nothing sent at all: the validation error itself, with the caller's index
+    with pytest.raises(RecordTooLargeError, match="message #4"):
+        merge_lane_results(order, [RecordTooLargeError("big", size=9, limit=1, index=2),
+                                   RecordTooLargeError("big", size=9, limit=1)])

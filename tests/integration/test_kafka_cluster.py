@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import kafka_local
 import pytest
 import ray
 from conftest import KAFKA_LOCAL, TEST_PORT
@@ -40,10 +41,8 @@ def test_start_twice_is_safe(kafka_bootstrap: str) -> None:
 async def test_three_brokers_survive_one_loss_and_fail_typed_without_isr_quorum(
         tmp_path: Path, settings_factory: Any) -> None:
     port = TEST_PORT + 100
-    args = ["--port", str(port), "--dir", str(tmp_path / "kafka3")]
-    out = subprocess.run([str(KAFKA_LOCAL), "start", "--brokers", "3", *args],
-                         capture_output=True, text=True, timeout=300, check=True)
-    bootstrap = out.stdout.strip().splitlines()[-1]
+    data_dir = tmp_path / "kafka3"
+    bootstrap = kafka_local.start(port, brokers=3, data_dir=data_dir)
     assert bootstrap.count(",") == 2
     try:
         topic = f"fault.{uuid.uuid4().hex[:8]}"
@@ -73,4 +72,4 @@ async def test_three_brokers_survive_one_loss_and_fail_typed_without_isr_quorum(
         records = await read_records(bootstrap, topic, 300, timeout=60)
         assert sorted(json.loads(r.value)["n"] for r in records) == list(range(300))
     finally:
-        subprocess.run([str(KAFKA_LOCAL), "stop", *args], capture_output=True, timeout=120)
+        kafka_local.stop(port, data_dir=data_dir)
