@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from athomic._kafka import AIOKAFKA, KafkaClients, KafkaProducer, kafka_error_name, translate
-from athomic.envelope import envelope_keys
 from athomic.errors import (
     AthomicError,
     MessagingConnectionError,
@@ -28,6 +27,7 @@ from athomic.strategies import (
     DirectPublishStrategy,
     OutgoingRecord,
     PublishingStrategy,
+    envelope_keys,
     physical_topic,
 )
 from athomic.telemetry import Telemetry
@@ -58,8 +58,10 @@ class ProducerActor:
         # a unit test) every stage runs inline.
         self.stage_pool = StagePool(stage_actors) if stage_actors else None
         self.direct = DirectPublishStrategy()
-        self.delayed = (DelayedPublishStrategy(settings, envelope_keys(settings.pipeline))
+        self.delayed = (DelayedPublishStrategy(settings, envelope_keys(settings))
                         if settings.delay_topics else None)
+        self._final_topics: set[str] = set()
+        """Final topics known to exist (a delayed message's is checked before it waits)."""
         self._producer: KafkaProducer | None = None
         self._start_lock: asyncio.Lock | None = None
         self._closed = False
@@ -127,9 +129,10 @@ class ProducerActor:
 
     # --- publishing --------------------------------------------------------------------
     def strategy_for(self, request: PublishRequest, now: float) -> PublishingStrategy:
-        """Delayed while the due time is ahead; a due time already past (say, after a
-        retried call) publishes directly."""
-        if request.deliver_at is not None and request.deliver_at > now:
+        """Delayed when the caller asked for a due time, even one already past by now (a
+        backlog, a call Ray retried): the republisher then releases it at once, and only
+        once whatever the copies; direct otherwise."""
+        if request.deliver_at is not None:
             if self.delayed is None:
                 raise NotImplementedError(
                     "delayed publishing is not configured: set delay_topics")
@@ -155,6 +158,10 @@ class ProducerActor:
         items = [EncodeItem(r.value, topic, r.key, r.message_id, r.content_type or "")
                  for r, topic in zip(requests, topics, strict=True)]
         encoded = await self.pipeline.encode_batch(items, self.stage_pool, observe=observe)
+        waiting = {t for r, t in zip(requests, topics, strict=True)
+                   if r.deliver_at is not None and t not in self._final_topics}
+        if waiting:
+            await self._check_final_topics(waiting)
         prepared = []
         now = time.time()
         for i, (request, enc) in enumerate(zip(requests, encoded, strict=True)):
@@ -173,6 +180,19 @@ class ProducerActor:
                     f"producer.max_request_size={limit}", size=size, limit=limit, index=index)
             prepared.append((record, strategy.outcome))
         return prepared
+
+    async def _check_final_topics(self, topics: set[str]) -> None:
+        """A delayed message's final topic must exist (or be created, with the brokers'
+        auto-create) when it is published, as a direct publish's must: PublishError
+        now, not a dead letter later. Known topics are not asked again."""
+        producer = await self._ensure_started()
+        for topic in sorted(topics):
+            try:
+                await asyncio.wait_for(producer.partitions_for(topic),
+                                       self.settings.producer.delivery_timeout_ms / 1000)
+            except Exception as exc:
+                raise translate(exc, topic=topic) from None
+            self._final_topics.add(topic)
 
     async def _deliver(self, prepared: list[tuple[OutgoingRecord, PublishingOutcome]]
                        ) -> list[Any]:

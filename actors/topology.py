@@ -8,6 +8,7 @@ connection gets the same actors, and ``teardown`` finds them all again.
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any
 
 import ray
@@ -183,11 +184,15 @@ def apply_republisher(settings: MessagingSettings, *, timeout_s: float = 120.0
     remote_cls = ray.remote(DelayBucketActor)
     replicas = settings.republisher.replicas
     slots = [(topic, i) for topic in settings.delay_topics.values() for i in range(replicas)]
+    # A newer layout wins a partition over an older one still running (ownership, see
+    # republisher.loop); actors that already run keep their generation.
+    generation = time.time_ns() // 1_000_000
     # ready/stats/stop are idempotent: safe to retry on a restarted actor.
     actors: list[Any] = [
         remote_cls.options(**_named(delay_actor_name(settings.connection_name, topic, i)),
                            max_task_retries=-1, num_cpus=settings.republisher.actor_num_cpus,
-                           scheduling_strategy=strategy).remote(settings, topic, i, replicas)
+                           scheduling_strategy=strategy).remote(settings, topic, i, replicas,
+                                                                generation=generation)
         for (topic, i), strategy in zip(slots, spread(settings, len(slots), timeout_s=timeout_s),
                                         strict=True)
     ]

@@ -9,12 +9,14 @@ import json
 import logging
 import signal
 import sys
+import time
 from typing import Any
 
 from athomic import __version__
 from athomic.actors.delay_bucket import DelayBucketActor
 from athomic.actors.topology import DELAY, NAMESPACE, actor_names
 from athomic.errors import AthomicError
+from athomic.republisher import dlq
 from athomic.republisher.topics import progress
 from athomic.settings import MessagingSettings
 
@@ -26,11 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_republisher(sub)
+    _add_dlq(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "republisher":
         return _republisher(args)
+    if args.command == "dlq":
+        return _dlq(args)
     parser.error(f"unknown command {args.command}")
     return 2
 
@@ -70,8 +75,9 @@ def _republisher(args: argparse.Namespace) -> int:
 async def _run(settings: MessagingSettings, args: argparse.Namespace) -> int:
     topics = args.topic or list(settings.delay_topics.values())
     replicas = args.replicas or settings.republisher.replicas
-    workers = [DelayBucketActor(settings, t, args.replica, replicas, autostart=False)
-               for t in topics]
+    generation = time.time_ns() // 1_000_000
+    workers = [DelayBucketActor(settings, t, args.replica, replicas, generation=generation,
+                                autostart=False) for t in topics]
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -114,6 +120,39 @@ def _status(settings: MessagingSettings, args: argparse.Namespace) -> int:
               f"{a['paused']}, republished {a['republished']}, lateness p50 "
               f"{late['p50_s'] * 1000:.1f} ms p99 {late['p99_s'] * 1000:.1f} ms max "
               f"{late['max_s'] * 1000:.1f} ms, early {late['early']}")
+    return 0
+
+
+# --- athomic dlq replay: dead letters back into delivery ----------------------------------
+def _add_dlq(sub: Any) -> None:
+    dead = sub.add_parser("dlq", help="the dead-letter topic")
+    cmds = dead.add_subparsers(dest="dlq_command", required=True)
+    replay = cmds.add_parser(
+        "replay", help="send dead letters back into delivery (exactly once; each is "
+                       "replayed once, however often this runs)")
+    replay.add_argument("--config", required=True, help="athomic TOML settings file")
+    replay.add_argument("--limit", type=int, default=None, help="at most this many")
+    replay.add_argument("--dry-run", action="store_true",
+                        help="say what would be replayed, send nothing")
+    replay.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _dlq(args: argparse.Namespace) -> int:
+    try:
+        settings = MessagingSettings.from_toml(args.config)
+        report = asyncio.run(dlq.replay(settings, limit=args.limit, dry_run=args.dry_run))
+    except AthomicError as exc:
+        print(f"athomic: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return 0
+    verb = "would replay" if report.dry_run else "replayed"
+    print(f"{verb}: {report.delivered} to their final topics, {report.delayed} back into "
+          f"delay topics; {len(report.left)} left in "
+          f"{settings.republisher.dead_letter_topic}")
+    for line in report.left:
+        print(f"  left {line}")
     return 0
 
 

@@ -8,6 +8,7 @@ import math
 import random
 import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
@@ -16,11 +17,13 @@ import ray
 from ._exporters import check_exporter
 from .actors.topology import apply_producers, apply_republisher, teardown
 from .context import capture, drop_invalid_traceparent
+from .envelope import MAX_HOPS
 from .errors import (
     AthomicError,
     BackpressureTimeoutError,
     InvalidDelayError,
     InvalidHeaderError,
+    InvalidTopicError,
     PublishError,
     SerializationError,
     ValidationError,
@@ -32,15 +35,20 @@ from .messages import (
     PublishRequest,
     new_message_id,
     new_message_ids,
+    validate_message_id,
     validate_topic,
 )
 from .pipeline import Pipeline
+from .republisher.schedule import plan
 from .settings import MessagingSettings
 
 T = TypeVar("T")
 
 _PUBLISH_FIELDS = frozenset(
-    {"message", "topic", "key", "headers", "delay_seconds", "priority", "deliver_at"})
+    {"message", "topic", "key", "headers", "delay_seconds", "priority", "deliver_at",
+     "message_id"})
+_IMPLAUSIBLE_S = 100 * 366 * 86_400.0
+"""A delay this long is a mistake (epoch milliseconds passed as seconds, a unit slip)."""
 
 
 class RemoteMethod(Generic[T]):
@@ -214,6 +222,8 @@ class ProducerHandle:
         self._setup()
 
     def _setup(self) -> None:
+        self._reserved = self.settings.reserved_topics()
+        self._buckets = sorted(self.settings.delay_topics)
         lanes = self.settings.lanes
         self._windows = {lane: Window(len(actors), lanes.max_in_flight,
                                       lanes.acquire_timeout_s)
@@ -244,31 +254,58 @@ class ProducerHandle:
         pairs = capture(self._service, self.settings.lineage.enabled).items()
         return pairs, sum(len(k) + len(v) for k, v in pairs)
 
-    def _request(self, message: Any = None, topic: Any = None, key: Any = None,
-                 headers: Any = None, delay_seconds: Any = None,
-                 priority: Any = MessagePriority.NORMAL, deliver_at: Any = None, *,
-                 captured: tuple[list[tuple[str, bytes]], int] | None = None,
-                 now: float | None = None, message_id: str | None = None
-                 ) -> PublishRequest:
+    def _check_topic(self, topic: Any) -> None:
         if topic is None:
             raise ValidationError("topic is required", value=None)
-        if topic not in self._valid_topics:
-            validate_topic(topic)
-            if len(self._valid_topics) < 10_000:
-                self._valid_topics.add(topic)
+        if topic in self._valid_topics:
+            return
+        validate_topic(topic)
+        if topic in self._reserved:
+            raise InvalidTopicError(
+                f"{topic!r} is one of athomic's own topics (a delay topic, the dead-letter "
+                "topic or the released-ids topic), not a final topic", value=topic)
+        if len(self._valid_topics) < 10_000:
+            self._valid_topics.add(topic)
+
+    def _check_delay(self, due: float, now: float) -> None:
+        if not self.settings.delay_topics:
+            raise NotImplementedError(
+                "delayed publishing is not configured: set delay_topics in the "
+                "messaging settings")
+        delay = due - now
+        cap = self.settings.max_delay_seconds
+        if cap is not None and delay > cap:
+            raise InvalidDelayError(f"delay of {delay:.0f}s exceeds max_delay_seconds={cap}",
+                                    value=delay)
+        if delay > _IMPLAUSIBLE_S:
+            raise InvalidDelayError(
+                f"a delay of {delay:.3g}s (deliver_at {due:.6g}) is not plausible: "
+                "deliver_at is epoch seconds, not milliseconds", value=delay)
+        hops = plan(self._buckets, int(now * 1000), math.ceil(due * 1000),
+                    self.settings.republisher.near_window_s).hops
+        if hops > MAX_HOPS:
+            raise InvalidDelayError(
+                f"a delay of {delay:.0f}s takes {hops} hops through the delay buckets "
+                f"(longest {self._buckets[-1]:g}s); a message carries at most {MAX_HOPS}: "
+                "add a longer bucket to delay_topics", value=delay)
+
+    def _request(self, message: Any = None, topic: Any = None, key: Any = None,
+                 headers: Any = None, delay_seconds: Any = None,
+                 priority: Any = MessagePriority.NORMAL, deliver_at: Any = None,
+                 message_id: Any = None, *,
+                 captured: tuple[list[tuple[str, bytes]], int] | None = None,
+                 now: float | None = None, auto_id: str | None = None
+                 ) -> PublishRequest:
+        self._check_topic(topic)
         prio = MessagePriority.parse(priority)
+        version = None
+        if message_id is not None:
+            message_id = validate_message_id(message_id)
+            version = uuid.UUID(new_message_id()).bytes
         now = time.time() if now is None else now
         due = _to_deliver_at(delay_seconds, deliver_at, now)
         if due is not None:
-            if not self.settings.delay_topics:
-                raise NotImplementedError(
-                    "delayed publishing is not configured: set delay_topics in the "
-                    "messaging settings")
-            cap = self.settings.max_delay_seconds
-            if cap is not None and due - now > cap:
-                raise InvalidDelayError(
-                    f"delay of {due - now:.0f}s exceeds max_delay_seconds={cap}",
-                    value=due - now)
+            self._check_delay(due, now)
         context, context_size = captured if captured is not None else self._captured()
         merged, size, passed = context, context_size, 0
         if headers:
@@ -290,7 +327,8 @@ class ProducerHandle:
                 "trace context, context variables, lineage)", value=len(merged))
         value, content_type, schema = self._pipeline.serialize(message)
         return PublishRequest(topic, value, _to_key(key), merged, content_type, schema,
-                              prio, due, message_id or new_message_id(), now)
+                              prio, due, message_id or auto_id or new_message_id(), now,
+                              version)
 
     # --- routing -----------------------------------------------------------------------
     def _lane(self, priority: MessagePriority) -> str:
@@ -328,9 +366,9 @@ class ProducerHandle:
     def _publish(self, loop: asyncio.AbstractEventLoop | None, message: Any = None,
                  topic: Any = None, key: Any = None, headers: Any = None,
                  delay_seconds: Any = None, priority: Any = MessagePriority.NORMAL,
-                 deliver_at: Any = None) -> Any:
+                 deliver_at: Any = None, message_id: Any = None) -> Any:
         request = self._request(message, topic, key, headers, delay_seconds, priority,
-                                deliver_at)
+                                deliver_at, message_id)
         return self._submit(loop, self._lane(request.priority), "publish", request, 1)
 
     def _publish_batch(self, loop: asyncio.AbstractEventLoop | None,
@@ -355,7 +393,7 @@ class ProducerHandle:
                 raise ValidationError(f"unknown publish arguments: {sorted(bad)}", index=i)
             try:
                 requests.append(self._request(**{**defaults, **item}, captured=captured,
-                                              now=now, message_id=ids[i]))
+                                              now=now, auto_id=ids[i]))
             except (ValidationError, SerializationError) as exc:
                 raise exc.at_index(i) from None
         by_lane: dict[str, list[int]] = {}

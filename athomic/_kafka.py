@@ -95,6 +95,10 @@ class KafkaProducer(Protocol):
                    ) -> asyncio.Future[RecordMetadata]:
         """Queue a record; the returned future resolves on the broker's acknowledgement."""
 
+    async def partitions_for(self, topic: str) -> set[int]:
+        """The topic's partitions, waiting for its metadata (UnknownTopicOrPartitionError
+        after ``request_timeout_ms`` when it does not exist and is not auto-created)."""
+
     async def begin_transaction(self) -> None: ...
     async def commit_transaction(self) -> None: ...
     async def abort_transaction(self) -> None: ...
@@ -125,6 +129,11 @@ class KafkaConsumer(Protocol):
 
     async def end_offsets(self, partitions: list[TopicPartition]
                           ) -> dict[TopicPartition, int]: ...
+
+    async def offsets_for_times(self, timestamps: dict[TopicPartition, int]
+                                ) -> dict[TopicPartition, Any]:
+        """Per partition, ``(offset, timestamp)`` of the first record at or after the
+        given epoch milliseconds, or None."""
 
 
 @dataclass(frozen=True, slots=True)

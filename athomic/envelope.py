@@ -1,23 +1,29 @@
 """The delay envelope: a delayed message as it waits in a delay topic.
 
-Versioned, binary-safe, bounded. Layout (all integers big-endian)::
+Versioned, binary-safe, bounded. Version 2 (written now; all integers big-endian)::
 
     magic      4  b"ATHD"
-    version    1  1
-    flags      1  bit0 value is null, bit1 key is null, bit2 authenticated
+    version    1  2
+    flags      1  bit0 value is null, bit1 key is null, bit3 authenticated (HMAC),
+                  bit4 the message id was chosen by the caller
     priority   1  0 low, 1 normal, 2 high
-    hop        1  delay topics passed so far, this one included (1 on first enqueue)
+    hop        2  delay topics passed so far, this one included (1 on first enqueue)
     deliver_at 8  due time, epoch milliseconds
     hold_until 8  when the message leaves THIS delay topic, epoch milliseconds
     published  8  when the caller published, epoch milliseconds
-    message_id 16 UUID bytes
+    version   16  this publish of the message id (a retried call keeps it; publishing
+                  the same id again makes a new one)
+    message_id 1+n   ASCII, 1..128 bytes
     topic      2+n   final (physical) topic
     key        4+n   absent when null
     headers    2 count, then per header 2+n key, 4+n value: the final message's headers
     value      4+n   absent when null: the pipeline-encoded payload, relayed unchanged
-    auth       (bit2) 1+n key id, 12 nonce, 16 tag: AES-256-GCM over everything above with
-               no plaintext, under the pipeline's primary encryption key, so a tampered due
-               time or destination is refused.
+    auth       (bit3) 1+n key id, 32 HMAC-SHA256 over everything above, under a key
+               derived for envelopes (``derive_envelope_key``), so a tampered due time,
+               destination or payload is refused.
+
+Version 1 (16-byte UUID message id, 1-byte hop, AES-GCM tag under the payload key) is still
+read, so envelopes written before an upgrade are delivered.
 
 Times are absolute and fixed at publish; ``hold_until`` is planned from the publish time
 (not from when a hop happened), so messages with the same delay take the same path.
@@ -25,30 +31,41 @@ Times are absolute and fixed at publish; ``hold_until`` is planned from the publ
 
 from __future__ import annotations
 
-import os
+import hashlib
+import hmac
 import struct
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .errors import MalformedEnvelopeError
 from .messages import MessagePriority
 
 MAGIC = b"ATHD"
-VERSION = 1
-_FIXED = struct.Struct(">4sBBBBQQQ16s")
+VERSION = 2
+MAX_HOPS = 0xFFFF
+"""Delay topics one message may pass; a delay needing more is refused at publish."""
+MAX_HEADERS = 1024
+MAX_MESSAGE_ID = 128
+AUTH_LABEL = b"athomic-envelope-v1"
+_HKDF_INFO = b"athomic envelope authentication v2"
+
+_FIXED_V1 = struct.Struct(">4sBBBBQQQ16s")
+_FIXED_V2 = struct.Struct(">4sBBBHQQQ16s")
 _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
-_F_NULL_VALUE, _F_NULL_KEY, _F_AUTH = 1, 2, 4
+_F_NULL_VALUE, _F_NULL_KEY, _F_AUTH_V1, _F_AUTH, _F_CALLER_ID = 1, 2, 4, 8, 16
+_KNOWN_FLAGS = {1: _F_NULL_VALUE | _F_NULL_KEY | _F_AUTH_V1,
+                2: _F_NULL_VALUE | _F_NULL_KEY | _F_AUTH | _F_CALLER_ID}
 _PRIORITY_CODE = {MessagePriority.LOW: 0, MessagePriority.NORMAL: 1, MessagePriority.HIGH: 2}
 _PRIORITY_OF = {v: k for k, v in _PRIORITY_CODE.items()}
-MAX_HEADERS = 1024
-AUTH_LABEL = b"athomic-envelope-v1"
+_TAG = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +82,11 @@ class Envelope:
     hop: int
     priority: MessagePriority
     message_id: str
+    version: bytes = b"\0" * 16
+    """Identifies this publish of ``message_id``: copies of one publish (a retried call)
+    share it, a new publish of the same id has another."""
+    caller_id: bool = False
+    """The message id was chosen by the caller (it can be cancelled and replaced)."""
 
     def next_hop(self, hold_until_ms: int) -> Envelope:
         return replace(self, hop=self.hop + 1, hold_until_ms=hold_until_ms)
@@ -72,22 +94,49 @@ class Envelope:
 
 @dataclass(frozen=True, slots=True)
 class EnvelopeKeys:
-    """The key ring that authenticates envelopes: ``primary`` signs, any id verifies."""
+    """The keys that authenticate envelopes: ``primary`` signs, any id verifies.
+    ``keys`` are envelope keys (``derive_envelope_key``); ``legacy`` the raw keys that
+    verify version-1 envelopes (AES-GCM under the payload key)."""
 
     primary: str
     keys: dict[str, bytes]
+    legacy: dict[str, bytes] = field(default_factory=dict)
+
+
+def derive_envelope_key(secret: bytes) -> bytes:
+    """The envelope key of a ring key: HKDF-SHA256 with its own label, so envelope
+    authentication never shares a key (or a nonce space) with payload encryption."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_HKDF_INFO
+                ).derive(secret)
+
+
+def envelope_keys(ring: Mapping[str, bytes], primary: str) -> EnvelopeKeys:
+    """EnvelopeKeys of a key ring (key id -> raw 32-byte key)."""
+    return EnvelopeKeys(primary, {kid: derive_envelope_key(k) for kid, k in ring.items()},
+                        dict(ring))
+
+
+def _check_message_id(message_id: str) -> bytes:
+    raw = message_id.encode("ascii", "replace")
+    if not 0 < len(raw) <= MAX_MESSAGE_ID:
+        raise MalformedEnvelopeError(f"message id of {len(raw)} bytes (1..{MAX_MESSAGE_ID})")
+    return raw
 
 
 def encode(env: Envelope, keys: EnvelopeKeys | None = None) -> bytes:
+    if not 0 < env.hop <= MAX_HOPS:
+        raise MalformedEnvelopeError(f"hop {env.hop} out of range 1..{MAX_HOPS}")
+    if len(env.version) != 16:
+        raise MalformedEnvelopeError("envelope version must be 16 bytes")
     flags = (_F_NULL_VALUE if env.value is None else 0) | \
-        (_F_NULL_KEY if env.key is None else 0) | (_F_AUTH if keys else 0)
-    if not 0 < env.hop < 256:
-        raise MalformedEnvelopeError(f"hop {env.hop} out of range 1..255")
+        (_F_NULL_KEY if env.key is None else 0) | (_F_AUTH if keys else 0) | \
+        (_F_CALLER_ID if env.caller_id else 0)
+    mid = _check_message_id(env.message_id)
     topic = env.topic.encode()
     parts = [
-        _FIXED.pack(MAGIC, VERSION, flags, _PRIORITY_CODE[env.priority], env.hop,
-                    env.deliver_at_ms, env.hold_until_ms, env.published_ms,
-                    uuid.UUID(env.message_id).bytes),
+        _FIXED_V2.pack(MAGIC, VERSION, flags, _PRIORITY_CODE[env.priority], env.hop,
+                       env.deliver_at_ms, env.hold_until_ms, env.published_ms, env.version),
+        _U8.pack(len(mid)), mid,
         _U16.pack(len(topic)), topic,
     ]
     if env.key is not None:
@@ -102,9 +151,8 @@ def encode(env: Envelope, keys: EnvelopeKeys | None = None) -> bytes:
     if keys is None:
         return body
     key_id = keys.primary.encode()
-    nonce = os.urandom(12)
-    tag = AESGCM(keys.keys[keys.primary]).encrypt(nonce, b"", AUTH_LABEL + body)
-    return body + bytes([len(key_id)]) + key_id + nonce + tag
+    tag = hmac.new(keys.keys[keys.primary], AUTH_LABEL + body, hashlib.sha256).digest()
+    return body + bytes([len(key_id)]) + key_id + tag
 
 
 def _field(buf: bytes, pos: int, length: struct.Struct, what: str) -> tuple[bytes, int]:
@@ -119,25 +167,42 @@ def _field(buf: bytes, pos: int, length: struct.Struct, what: str) -> tuple[byte
     return buf[pos:pos + n], pos + n
 
 
-def decode(data: bytes, keys: EnvelopeKeys | None = None) -> Envelope:
-    """Parse an envelope; raises MalformedEnvelopeError for anything off (and, when ``keys``
-    are given, for a missing or wrong authentication tag)."""
-    if not isinstance(data, (bytes, bytearray)) or len(data) < _FIXED.size:
+def decode(data: bytes, keys: EnvelopeKeys | None = None, *,
+           accept_unauthenticated: bool = False) -> Envelope:
+    """Parse an envelope; raises MalformedEnvelopeError for anything off.
+
+    With ``keys``, an authenticated envelope must verify under one of them, and an
+    unauthenticated one is refused unless ``accept_unauthenticated`` (while turning
+    authentication on). Without keys nothing is verified: such a setup trusts whoever can
+    write to its delay topics."""
+    if not isinstance(data, (bytes, bytearray)) or len(data) < _FIXED_V1.size:
         raise MalformedEnvelopeError("not a delay envelope: too short")
     buf = bytes(data)
     size = len(buf)
-    magic, version, flags, prio, hop, deliver_at, hold_until, published, mid = \
-        _FIXED.unpack_from(buf, 0)
-    if magic != MAGIC:
+    if buf[:4] != MAGIC:
         raise MalformedEnvelopeError("not a delay envelope: bad magic")
-    if version != VERSION:
+    version = buf[4]
+    if version not in _KNOWN_FLAGS:
         raise MalformedEnvelopeError(f"unsupported envelope version {version}")
-    if flags & ~(_F_NULL_VALUE | _F_NULL_KEY | _F_AUTH):
+    fixed = _FIXED_V1 if version == 1 else _FIXED_V2
+    if size < fixed.size:
+        raise MalformedEnvelopeError("not a delay envelope: too short")
+    _, _, flags, prio, hop, deliver_at, hold_until, published, ident = fixed.unpack_from(buf)
+    if flags & ~_KNOWN_FLAGS[version]:
         raise MalformedEnvelopeError(f"unknown envelope flags {flags:#x}")
     if prio not in _PRIORITY_OF or hop == 0:
         raise MalformedEnvelopeError("envelope priority or hop out of range")
-    pos = _FIXED.size
+    pos = fixed.size
     try:
+        if version == 1:
+            message_id = str(uuid.UUID(bytes=ident))
+            env_version = ident
+        else:
+            raw, pos = _field(buf, pos, _U8, "message id")
+            if not raw:
+                raise MalformedEnvelopeError("empty message id")
+            message_id = raw.decode("ascii")
+            env_version = ident
         raw, pos = _field(buf, pos, _U16, "topic")
         topic = raw.decode()
         key = None
@@ -156,40 +221,48 @@ def decode(data: bytes, keys: EnvelopeKeys | None = None) -> Envelope:
         if not flags & _F_NULL_VALUE:
             value, pos = _field(buf, pos, _U32, "value")
         body_end = pos
-        if flags & _F_AUTH:
+        auth = flags & (_F_AUTH | _F_AUTH_V1)
+        if auth:
             raw, pos = _field(buf, pos, _U8, "key id")
             key_id = raw.decode("ascii", "replace")
-            if pos + 28 > size:
+            tag_size = _TAG if auth == _F_AUTH else 28
+            if pos + tag_size > size:
                 raise MalformedEnvelopeError("envelope truncated in authentication tag")
-            nonce, tag = buf[pos:pos + 12], buf[pos + 12:pos + 28]
-            pos += 28
+            tag = buf[pos:pos + tag_size]
+            pos += tag_size
     except struct.error:
         raise MalformedEnvelopeError(f"envelope truncated at byte {pos}") from None
     except UnicodeDecodeError:
-        raise MalformedEnvelopeError("envelope topic or header key is not UTF-8") from None
-    if flags & _F_AUTH:
-        if keys is None:
-            raise MalformedEnvelopeError("envelope is authenticated but no key ring is set")
-        secret = keys.keys.get(key_id)
-        if secret is None:
-            raise MalformedEnvelopeError(f"envelope signed with unknown key id {key_id!r}")
-        try:
-            AESGCM(secret).decrypt(nonce, tag, AUTH_LABEL + buf[:body_end])
-        except InvalidTag:
-            raise MalformedEnvelopeError("envelope authentication failed (tampered)") from None
-    elif keys is not None:
-        raise MalformedEnvelopeError("envelope is not authenticated but a key ring is set")
+        raise MalformedEnvelopeError("envelope id, topic or header key is not text") from None
     if pos != size:
         raise MalformedEnvelopeError(f"{size - pos} trailing bytes after envelope")
+    if keys is not None:
+        if auth:
+            _verify(auth, key_id, tag, buf[:body_end], keys)
+        elif not accept_unauthenticated:
+            raise MalformedEnvelopeError(
+                "envelope is not authenticated but envelope keys are set (accept it while "
+                "turning authentication on with republisher.accept_unauthenticated)")
     return Envelope(topic=topic, key=key, value=value, headers=tuple(headers),
                     deliver_at_ms=deliver_at, hold_until_ms=hold_until,
                     published_ms=published, hop=hop, priority=_PRIORITY_OF[prio],
-                    message_id=str(uuid.UUID(bytes=mid)))
+                    message_id=message_id, version=env_version,
+                    caller_id=bool(flags & _F_CALLER_ID))
 
 
-def envelope_keys(pipeline: Sequence[Any]) -> EnvelopeKeys | None:
-    """The key ring that authenticates envelopes: the pipeline's encrypt stage, if any."""
-    for spec in pipeline:
-        if getattr(spec, "stage", None) == "encrypt":
-            return EnvelopeKeys(primary=spec.primary, keys=spec.key_ring())
-    return None
+def _verify(auth: int, key_id: str, tag: bytes, body: bytes, keys: EnvelopeKeys) -> None:
+    if auth == _F_AUTH:
+        secret = keys.keys.get(key_id)
+        if secret is None:
+            raise MalformedEnvelopeError(f"envelope signed with unknown key id {key_id!r}")
+        expected = hmac.new(secret, AUTH_LABEL + body, hashlib.sha256).digest()
+        if not hmac.compare_digest(expected, tag):
+            raise MalformedEnvelopeError("envelope authentication failed (tampered)")
+        return
+    legacy = keys.legacy.get(key_id)
+    if legacy is None:
+        raise MalformedEnvelopeError(f"envelope signed with unknown key id {key_id!r}")
+    try:
+        AESGCM(legacy).decrypt(tag[:12], tag[12:], AUTH_LABEL + body)
+    except InvalidTag:
+        raise MalformedEnvelopeError("envelope authentication failed (tampered)") from None

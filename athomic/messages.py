@@ -292,6 +292,22 @@ def new_message_ids(count: int) -> list[str]:
     return out
 
 
+_MESSAGE_ID_MAX = 128
+
+
+def validate_message_id(message_id: object) -> str:
+    """Return a caller-chosen message id if usable: 1-128 printable ASCII characters."""
+    if not isinstance(message_id, str) or not message_id:
+        raise InvalidHeaderError(f"message_id must be a non-empty str, got {message_id!r}",
+                                 value=message_id)
+    if len(message_id) > _MESSAGE_ID_MAX or not (
+            message_id.isascii() and message_id.isprintable()):
+        raise InvalidHeaderError(
+            f"message_id must be 1-{_MESSAGE_ID_MAX} printable ASCII characters, got "
+            f"{message_id[:40]!r}", value=message_id)
+    return message_id
+
+
 def message_id_time(message_id: str) -> float:
     """Unix time (seconds) embedded in a UUIDv7 message id."""
     return (uuid.UUID(message_id).int >> 80) / 1000.0
@@ -318,3 +334,6 @@ class PublishRequest(NamedTuple):
     deliver_at: float | None
     message_id: str
     published_at: float
+    version: bytes | None = None
+    """This publish of a caller-chosen ``message_id`` (16 bytes, fixed on the caller's
+    side, so a retried call keeps it); None when athomic chose the id."""

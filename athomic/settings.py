@@ -248,9 +248,9 @@ def _decode_key(key_id: str, text: str) -> bytes:
                                altchars=b"-_" if ("-" in compact or "_" in compact) else None,
                                validate=True)
     except (binascii.Error, ValueError):
-        raise ValueError(f"encrypt key {key_id!r} is not valid base64") from None
+        raise ValueError(f"key {key_id!r} is not valid base64") from None
     if len(raw) != AES_KEY_BYTES:
-        raise ValueError(f"encrypt key {key_id!r} decodes to {len(raw)} bytes; aes-256-gcm "
+        raise ValueError(f"key {key_id!r} decodes to {len(raw)} bytes; aes-256-gcm "
                          f"needs {AES_KEY_BYTES}")
     return raw
 
@@ -262,16 +262,13 @@ def _key_map(source: str, data: Any) -> dict[str, str]:
     return data
 
 
-class EncryptStageSpec(_ByteStageSpec):
-    """AES-256-GCM with a key ring: ``primary`` encrypts, every listed id decrypts.
+class KeyRing(_Section):
+    """A ring of 32-byte keys: ``primary`` is used for new messages, every listed id is
+    accepted. Keys come from ``keys``, from ``keys_file`` (a JSON object
+    ``{"k1": "<base64>"}``) and from the environment variable named by ``keys_env`` (same
+    JSON), merged, all read once when the settings are built. Key values are SecretStr:
+    never in reprs, dumps or errors."""
 
-    Keys come from ``keys``, from ``keys_file`` (a JSON object ``{"k1": "<base64>"}``) and
-    from the environment variable named by ``keys_env`` (same JSON), merged, all read once
-    when the settings are built. Key values are SecretStr: never in reprs, dumps or errors.
-    """
-
-    stage: Literal["encrypt"] = "encrypt"
-    cipher: Literal["aes-256-gcm"] = "aes-256-gcm"
     keys: dict[str, SecretStr] = Field(default_factory=dict)
     keys_file: Path | None = None
     keys_env: str | None = None
@@ -285,7 +282,7 @@ class EncryptStageSpec(_ByteStageSpec):
         merged: dict[str, Any] = {}
         raw_keys = data.get("keys") or {}
         if not isinstance(raw_keys, dict):
-            raise ValueError("encrypt.keys must be a table of key id -> base64 key")
+            raise ValueError("keys must be a table of key id -> base64 key")
         sources: list[tuple[str, dict[str, Any]]] = [("keys", raw_keys)]
         if data.get("keys_file"):
             path = Path(data["keys_file"])
@@ -312,28 +309,40 @@ class EncryptStageSpec(_ByteStageSpec):
             for key_id, value in ring.items():
                 secret = value.get_secret_value() if isinstance(value, SecretStr) else value
                 if key_id in merged and merged[key_id] != secret:
-                    raise ValueError(f"encrypt key {key_id!r} from {source} differs from "
+                    raise ValueError(f"key {key_id!r} from {source} differs from "
                                      "the one given elsewhere")
                 merged[key_id] = secret
         return {**data, "keys": merged}
 
     @model_validator(mode="after")
-    def _check_ring(self) -> EncryptStageSpec:
+    def _check_ring(self) -> KeyRing:
         if not self.keys:
-            raise ValueError("encrypt needs at least one key (keys, keys_file or keys_env)")
+            raise ValueError("a key ring needs at least one key (keys, keys_file or keys_env)")
         for key_id, secret in self.keys.items():
             if not _KEY_ID.match(key_id):
-                raise ValueError(f"encrypt key id {key_id!r}: use 1-64 ASCII letters, "
+                raise ValueError(f"key id {key_id!r}: use 1-64 ASCII letters, "
                                  "digits, '.', '_' or '-'")
             _decode_key(key_id, secret.get_secret_value())
         if self.primary not in self.keys:
-            raise ValueError(f"encrypt.primary {self.primary!r} is not a key id in the ring "
+            raise ValueError(f"primary {self.primary!r} is not a key id in the ring "
                              f"(ids: {sorted(self.keys)})")
         return self
 
     def key_ring(self) -> dict[str, bytes]:
         """Key id -> raw 32-byte key. Keep the result out of logs."""
         return {kid: _decode_key(kid, s.get_secret_value()) for kid, s in self.keys.items()}
+
+
+class EncryptStageSpec(KeyRing, _ByteStageSpec):
+    """AES-256-GCM with a key ring (``KeyRing``): ``primary`` encrypts, every listed id
+    decrypts."""
+
+    stage: Literal["encrypt"] = "encrypt"
+    cipher: Literal["aes-256-gcm"] = "aes-256-gcm"
+    allow_plaintext: bool = False
+    """Decoding: accept records that are not encrypted (while turning encryption on).
+    Off, a record without the encryption coding is refused: an encrypting consumer never
+    takes plaintext someone else wrote for the real thing."""
 
 
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*[:.][A-Za-z_]\w*$")
@@ -406,24 +415,59 @@ class RepublisherSettings(_Section):
     fewer, larger transactions (each costs a commit marker on every partition it wrote)."""
     dead_letter_topic: str = "athomic.delay.dlq"
     """Where envelopes that cannot be decoded, and messages that cannot be delivered for a
-    non-retriable reason, go (with the error in a header)."""
+    permanent reason, go (with the error in a header); ``athomic dlq replay`` sends them
+    back into delivery."""
     group_id: str | None = None
-    """Consumer group storing the delay topics' progress (default
-    ``athomic.republisher.<connection_name>``)."""
+    """Consumer group storing the delay topics' progress (default ``athomic.republisher``,
+    shared by every connection, so a delay topic has one owner whatever the layout)."""
     max_attempts: int = Field(5, ge=1)
-    """Attempts at a final publish failing for a non-retriable reason before the message
-    goes to the dead-letter topic; retriable failures are retried without limit."""
+    """Attempts at a final publish failing for a permanent reason (record too large,
+    topic missing or invalid, not authorised) before the message goes to the
+    dead-letter topic."""
+    retry_window_s: float = Field(3600.0, gt=0)
+    """How long a message failing for transient reasons (brokers away, leaders moving, an
+    in-sync quorum short) is retried before it goes to the dead-letter topic."""
     retry_backoff_max_s: float = Field(5.0, gt=0)
+    ack_timeout_s: float = Field(30.0, gt=0)
+    """Longest wait for any one step of a republish transaction (acknowledgements, offsets,
+    commit, abort); beyond it the transaction is given up and the partition resumes from
+    its committed progress."""
     transaction_timeout_ms: int = Field(60_000, ge=1000)
+    partition_refresh_s: float = Field(30.0, gt=0)
+    """How often a republisher looks for partitions added to its delay topic, renews its
+    ownership of idle partitions, and retries partitions it does not hold."""
+    dedupe_window_s: float = Field(600.0, ge=0)
+    """A message id released within this window is not released again (a publish retried
+    by Ray after an actor died, or by the caller with the same message id)."""
+    released_topic: str | None = None
+    """Records of the ids each partition released (default
+    ``athomic.released.<connection_name>``), kept ``dedupe_window_s``: what a restarted
+    republisher reads to keep deduplicating."""
+    max_clock_skew_ms: int = Field(1000, ge=0)
+    """The republisher measures its clock against the brokers' and warns (and reports
+    itself unhealthy) beyond this."""
+    auth: KeyRing | None = None
+    """Keys authenticating envelopes when the pipeline does not encrypt (when it does,
+    keys derived from the encrypt stage's ring are used)."""
+    accept_unauthenticated: bool = False
+    """Accept envelopes without authentication although keys are set: only while turning
+    authentication on, until the envelopes written before have been delivered."""
     actor_num_cpus: float = Field(0.0, ge=0)
 
-    @field_validator("dead_letter_topic")
+    @field_validator("dead_letter_topic", "released_topic")
     @classmethod
-    def _dlq_topic(cls, value: str) -> str:
+    def _topic_name(cls, value: str | None) -> str | None:
         try:
-            return validate_topic(value)
+            return None if value is None else validate_topic(value)
         except InvalidTopicError as exc:
             raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _waits_fit_the_transaction(self) -> RepublisherSettings:
+        if self.ack_timeout_s * 1000 >= self.transaction_timeout_ms:
+            raise ValueError("republisher.ack_timeout_s must be shorter than "
+                             "republisher.transaction_timeout_ms")
+        return self
 
 
 class MessagingSettings(BaseSettings):
@@ -553,7 +597,32 @@ class MessagingSettings(BaseSettings):
     # --- derived -------------------------------------------------------------------------
     @property
     def republisher_group(self) -> str:
-        return self.republisher.group_id or f"athomic.republisher.{self.connection_name}"
+        return self.republisher.group_id or "athomic.republisher"
+
+    @property
+    def legacy_republisher_group(self) -> str:
+        """Where versions before the shared group committed a connection's progress: read
+        once, when the shared group has nothing for a partition."""
+        return f"athomic.republisher.{self.connection_name}"
+
+    @property
+    def released_topic(self) -> str:
+        return self.republisher.released_topic or f"athomic.released.{self.connection_name}"
+
+    def envelope_ring(self) -> tuple[dict[str, bytes], str] | None:
+        """(key id -> raw key, primary) authenticating envelopes: ``republisher.auth``,
+        else the encrypt stage's ring; None when neither is set."""
+        if self.republisher.auth is not None:
+            return self.republisher.auth.key_ring(), self.republisher.auth.primary
+        for spec in self.pipeline:
+            if spec.stage == "encrypt":
+                return spec.key_ring(), spec.primary
+        return None
+
+    def reserved_topics(self) -> frozenset[str]:
+        """Topics athomic uses itself: never a final topic."""
+        return frozenset({*self.delay_topics.values(), self.republisher.dead_letter_topic,
+                          self.released_topic})
 
     @property
     def servers(self) -> list[str]:
@@ -575,6 +644,9 @@ class MessagingSettings(BaseSettings):
             elif spec.stage == "compress":
                 secrets.extend(hashlib.sha256(d).hexdigest()
                                for d in spec.dictionaries.values())
+        if self.republisher.auth is not None:
+            secrets.extend(f"auth:{kid}={s.get_secret_value()}"
+                           for kid, s in self.republisher.auth.keys.items())
         digest = hashlib.sha256(data.encode())
         for s in secrets:
             digest.update(s.encode())

@@ -8,12 +8,15 @@ when the republisher releases a delayed message) and a message's physical topic.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import time
+import uuid
 from dataclasses import dataclass
 from typing import Protocol
 
 from athomic.pipeline import Encoded
-from athomic.republisher.schedule import first_hop
+from athomic.republisher.schedule import first_hop, release_bucket
 from athomic.settings import MessagingSettings
 
 from . import envelope
@@ -124,6 +127,11 @@ class DelayedPublishStrategy:
     shorter than every bucket); the republisher moves the message on from there and
     delivers it to its final topic at its due time, never before. The envelope holds the
     final record exactly as a direct publish would have sent it.
+
+    A message already due when it reaches the producer (a backlog, or a call Ray retried
+    after an actor died) goes straight to its *release bucket*, the bucket its planned path
+    ends in, due at once: every copy of a message is released by the same republisher, which
+    releases a message id once.
     """
 
     outcome = PublishingOutcome.SUCCESS_DELAYED
@@ -132,22 +140,53 @@ class DelayedPublishStrategy:
                  keys: envelope.EnvelopeKeys | None = None) -> None:
         self._topics = dict(settings.delay_topics)
         self._buckets = sorted(self._topics)
+        self._near_s = settings.republisher.near_window_s
         self._keys = keys
 
-    def build(self, request: PublishRequest, encoded: Encoded, topic: str
-              ) -> OutgoingRecord:
+    def build(self, request: PublishRequest, encoded: Encoded, topic: str,
+              now: float | None = None) -> OutgoingRecord:
         if request.deliver_at is None:
             raise ValueError("a delayed publish needs a due time")
         deliver_at_ms = ms_ceil(request.deliver_at)  # rounding up: never early
         published_ms = int(request.published_at * 1000)
-        bucket, hold_until_ms = first_hop(self._buckets, published_ms, deliver_at_ms)
+        now_ms = int((time.time() if now is None else now) * 1000)
+        if deliver_at_ms > now_ms:
+            bucket, hold_until_ms = first_hop(self._buckets, published_ms, deliver_at_ms)
+        else:
+            bucket = release_bucket(self._buckets, published_ms, deliver_at_ms,
+                                    self._near_s)
+            hold_until_ms = now_ms
+        version = request.version or _auto_version(request.message_id)
         env = envelope.Envelope(
             topic=topic, key=request.key, value=encoded.value,
             headers=tuple(final_headers(request, encoded)), deliver_at_ms=deliver_at_ms,
             hold_until_ms=hold_until_ms, published_ms=published_ms, hop=1,
-            priority=request.priority, message_id=request.message_id)
-        return OutgoingRecord(self._topics[bucket], request.key,
+            priority=request.priority, message_id=request.message_id, version=version,
+            caller_id=request.version is not None)
+        return OutgoingRecord(self._topics[bucket], partition_key(env),
                               envelope.encode(env, self._keys), delay_headers(env))
+
+
+def envelope_keys(settings: MessagingSettings) -> envelope.EnvelopeKeys | None:
+    """The keys authenticating a connection's envelopes (None: not authenticated)."""
+    ring = settings.envelope_ring()
+    return None if ring is None else envelope.envelope_keys(*ring)
+
+
+def _auto_version(message_id: str) -> bytes:
+    """The version of a message whose id athomic chose: the id itself (a UUID), so every
+    copy of one publish has the same."""
+    try:
+        return uuid.UUID(message_id).bytes
+    except ValueError:
+        return hashlib.sha256(message_id.encode()).digest()[:16]
+
+
+def partition_key(env: envelope.Envelope) -> bytes:
+    """The key a record waiting in a delay topic is written with: the message's own key
+    (so one key's messages share partitions and keep their order), else its id (so copies
+    of one message share them)."""
+    return env.key if env.key is not None else env.message_id.encode()
 
 
 def delay_headers(env: envelope.Envelope) -> list[tuple[str, bytes]]:

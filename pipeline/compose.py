@@ -110,8 +110,11 @@ class Pipeline:
 
     def __init__(self, serializer: Serializer, stages: Sequence[Stage] | None = None, *,
                  placement: Sequence[str] | None = None,
-                 decoders: Sequence[Stage] = ()) -> None:
+                 decoders: Sequence[Stage] = (), require_encryption: bool = False) -> None:
         self.serializer = serializer
+        self.require_encryption = require_encryption
+        """Decoding refuses a record that is not encrypted (a consumer whose settings
+        encrypt, unless its encrypt stage allows plaintext)."""
         self.stages = list(stages or [])
         self.placement = list(placement or ["inline"] * len(self.stages))
         if len(self.placement) != len(self.stages):
@@ -139,15 +142,19 @@ class Pipeline:
         serializer = Serializer()
         stages: list[Stage] = []
         placement: list[str] = []
+        require_encryption = False
         for spec in settings.pipeline:
             if spec.stage == "serialize":
                 serializer = Serializer(spec.codec)
                 continue
+            if spec.stage == "encrypt":
+                require_encryption = not spec.allow_plaintext
             if not byte_stages:
                 continue
             stages.append(_build_stage(spec))
             placement.append(spec.placement)
-        return cls(serializer, stages, placement=placement)
+        return cls(serializer, stages, placement=placement,
+                   require_encryption=require_encryption)
 
     # --- caller side -------------------------------------------------------------------
     def serialize(self, message: Any) -> tuple[bytes | None, str | None, str | None]:
@@ -265,6 +272,11 @@ class Pipeline:
         message_id = hmap.get(H_MESSAGE_ID, b"").decode("utf-8", "replace")
         codings = parse_codings(encoding, message_id) if encoding else ()
         content_type = hmap.get(H_CONTENT_TYPE, b"").decode("utf-8", "replace")
+        if self.require_encryption and AES_256_GCM not in codings:
+            raise DecryptionError(
+                "record is not encrypted, and these settings encrypt: refused (set the "
+                "encrypt stage's allow_plaintext while turning encryption on)",
+                stage="encrypt", message_id=message_id or None)
         ctx = StageContext(topic, key, message_id, content_type, [], [], hmap, key_known)
         data = value
         for i in range(len(codings) - 1, -1, -1):

@@ -1,16 +1,37 @@
 """The republish loop of one delay topic: consume, wait until due, republish exactly once.
 
-One ``BucketRepublisher`` serves the partitions of one delay topic assigned to its replica
-(partition ``p`` goes to replica ``p % replicas``). It reads with ``read_committed``; a
-partition whose next message is not due within the near window is paused until it is (no
-busy polling); read messages wait in a due-time heap. When due, a message moves on to a
-shorter bucket or to its final topic, in ONE Kafka transaction together with the consumed
-offsets, under a transactional id stable per (delay topic, replica): a restarted replica
-fences its predecessor, and read_committed consumers see every message exactly once.
+**Ownership.** Each partition of a delay topic is republished under its own transactional
+id, ``athomic.delay.<topic>.<partition>``: the same whatever the connection, the replica
+count or the process. Starting a producer with it fences every earlier holder and aborts
+its open transaction; only then is the committed progress read. So two republishers never
+both publish a partition's messages, whatever the layout (Kafka's exactly-once design
+before KIP-447; aiokafka has no group-metadata fencing). Progress lives in one consumer
+group shared by every connection, and its commit metadata names the owner (connection,
+layout generation, process, time of its last commit). A replica claims the partitions
+``p % replicas == replica`` when it starts, picks up partitions added later, and refuses a
+partition another connection owns. Fenced later, it claims again only when no newer layout
+(nor another live process of its own layout) holds the partition.
+
+**Release.** A partition is read with ``read_committed``; while its head is not due within
+the near window it is paused (no busy polling). Read messages wait in the partition's
+due-time heap; when due, a message moves on to a shorter bucket or to its final topic, in
+one Kafka transaction with the consumed offsets (per partition, at most every
+``linger_ms``). A message reaching its due time in a bucket its planned path does not end
+in (a backlog) first moves to its *release bucket*: every copy of a message (a publish
+retried by Ray or by its caller) is released from the same partition, which releases a
+message id once (``RecentIds``, restored from the released-ids topic after a restart).
+
+**Failures.** Every wait is bounded (``ack_timeout_s``). A transient failure aborts the
+transaction and retries it with jittered backoff, for up to ``retry_window_s`` per
+message; a permanent one (record too large, topic missing or invalid, not authorised)
+counts an attempt, and after ``max_attempts`` the message goes to the dead-letter topic,
+never stalling the partition. A producer that is fenced, timed out or unusable is replaced:
+the partition resumes from its committed progress.
 
 The committed offset of a partition is its lowest unpublished offset; messages published
-out of offset order above it are named in the commit's metadata (``OffsetTracker``), so a
-restart skips them instead of publishing them twice.
+out of offset order above it are named in the commit's metadata (``OffsetTracker``). When
+that would not fit, the lowest messages still waiting are written once more to the end of
+the partition (one extra hop) so the offset can move on.
 """
 
 from __future__ import annotations
@@ -18,11 +39,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
+import secrets
 import time
+import zlib
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
-
-from aiokafka.errors import KafkaError, ProducerFenced
+from typing import Any, TypeVar
 
 from athomic import envelope
 from athomic._kafka import (
@@ -32,28 +55,39 @@ from athomic._kafka import (
     KafkaProducer,
     OffsetAndMetadata,
     TopicPartition,
+    classify,
+    kafka_error_name,
 )
 from athomic.errors import ConfigurationError, MalformedEnvelopeError
 from athomic.messages import H_ERROR, H_ERROR_SOURCE, MessageHeaders, MessagePriority
 from athomic.settings import MessagingSettings
-from athomic.strategies import delay_headers, delivered_record
+from athomic.strategies import delay_headers, delivered_record, envelope_keys, partition_key
 from athomic.telemetry import RepublishSpan, Telemetry
 
 from .schedule import (
     FINAL,
     MAX_METADATA,
     Cascade,
+    ClockSkew,
     DueHeap,
     LatenessStats,
     OffsetTracker,
+    Owner,
+    RecentIds,
+    decode_commit,
     next_step,
+    release_bucket,
 )
 from .topics import ensure_topics, open_admin
 
 log = logging.getLogger("athomic.republisher")
 
+T = TypeVar("T")
 _PRIORITY_RANK = {MessagePriority.HIGH: 0, MessagePriority.NORMAL: 1, MessagePriority.LOW: 2}
-CASCADE, DEAD_LETTER = "cascade", "dead_letter"
+CASCADE, DEAD_LETTER, RESTAGE = "cascade", "dead_letter", "restage"
+CLAIMING, OWNED, RELEASED, REFUSED = "claiming", "owned", "released", "refused"
+_MISSING_TOPIC_RECHECK_MS = 2_000
+_TOPIC_CHECK_S = 5.0
 
 
 def now_ms() -> int:
@@ -64,30 +98,85 @@ def now_ms() -> int:
 class Held:
     """A message read from the delay topic and not yet republished."""
 
-    tp: TopicPartition
     offset: int
     release_ms: int
-    action: str  # CASCADE, FINAL or DEAD_LETTER
+    action: str  # CASCADE, FINAL, DEAD_LETTER or RESTAGE
     env: envelope.Envelope | None
     cascade: Cascade | None = None
     record: Any = None  # the raw record, kept only for the dead-letter path
     error: str | None = None
-    attempts: int = 0
+    spill: bool = False
+    """Written once more to the end of the partition, not yet due (see _plan_commit)."""
 
     @property
     def rank(self) -> int:
         return _PRIORITY_RANK[self.env.priority] if self.env else 1
 
 
+@dataclass(slots=True)
+class Failing:
+    """How a message has failed so far (kept across a partition's restarts)."""
+
+    attempts: int = 0
+    """Permanent failures (each one an attempt)."""
+    since_ms: int | None = None
+    """First transient failure not followed by a success."""
+    last: str = ""
+    dead_letter_refused: int = 0
+    """Times the dead-letter topic itself refused the message for good (too large)."""
+
+
 class Fenced(Exception):
-    """Raised when a newer instance of this replica took over its transactional id."""
+    """Raised when a newer holder took over a partition's transactional id."""
+
+
+class _Unusable(Exception):
+    """The partition's producer can no longer be trusted (timed out, fatal state)."""
+
+
+class _Refused(Exception):
+    """Records of a transaction refused before the commit; carries who failed how."""
+
+    def __init__(self, failures: dict[int, BaseException]) -> None:
+        super().__init__(f"{len(failures)} record(s) refused")
+        self.failures = failures
+
+
+class Partition:
+    """One delay-topic partition a replica is responsible for: its transactional producer,
+    its progress, and the messages read from it and not yet republished."""
+
+    def __init__(self, tp: TopicPartition, dedupe_window_ms: int) -> None:
+        self.tp = tp
+        self.transactional_id = f"athomic.delay.{tp.topic}.{tp.partition}"
+        self.state = RELEASED
+        self.note = "not claimed yet"
+        self.producer: KafkaProducer | None = None
+        self.tracker: OffsetTracker | None = None
+        self.heap: DueHeap[Held] = DueHeap()
+        self.wake_at: int | None = None
+        self.next_txn_ms = 0
+        self.retry_at = 0
+        self.backoff_s = 0.1
+        self.task: asyncio.Task[None] | None = None
+        self.fenced = False
+        """Claimed and lost before: claim again only where no one else holds it."""
+        self.yielded = False
+        """Left to another holder (another connection's, a newer layout's)."""
+        self.last_commit_ms = 0
+        self.recent = RecentIds(dedupe_window_ms)
+        self.failing: dict[int, Failing] = {}
+        self.pending_by_key: dict[bytes, set[tuple[int, int]]] = {}
+        """Key -> (due time, offset) of its messages read and not yet released: they
+        leave in that order."""
 
 
 class BucketRepublisher:
     """Republishes the messages of one delay topic (the partitions of one replica)."""
 
     def __init__(self, settings: MessagingSettings, topic: str, replica: int = 0,
-                 replicas: int = 1, *, clients: KafkaClients = AIOKAFKA) -> None:
+                 replicas: int = 1, *, generation: int = 0,
+                 clients: KafkaClients = AIOKAFKA) -> None:
         by_topic = {t: b for b, t in settings.delay_topics.items()}
         if topic not in by_topic:
             raise ConfigurationError(f"{topic!r} is not one of the delay topics")
@@ -99,88 +188,98 @@ class BucketRepublisher:
         self.replicas = replicas
         self.buckets = sorted(settings.delay_topics)
         rep = settings.republisher
+        self.rep = rep
         self.group_id = settings.republisher_group
-        self.transactional_id = (f"athomic.{settings.connection_name}.{topic}."
-                                 f"{replica}of{replicas}")
+        self.owner = Owner(settings.connection_name, generation, secrets.token_hex(4), 0)
         # The smallest bucket also holds messages due sooner than the bucket itself, so it
         # reads its whole length ahead: nothing queues behind a later head there.
         smallest = self.bucket_s == self.buckets[0]
         self.read_ahead_ms = round(1000 * (max(rep.near_window_s, self.bucket_s)
                                            if smallest else rep.near_window_s))
         self.near_window_s = rep.near_window_s
-        self.keys = envelope.envelope_keys(settings.pipeline)
-        self.heap: DueHeap[Held] = DueHeap()
-        self.trackers: dict[TopicPartition, OffsetTracker] = {}
-        self.wake_at: dict[TopicPartition, int] = {}
+        self.keys = envelope_keys(settings)
+        self.parts: dict[TopicPartition, Partition] = {}
+        self.held = 0
         self.lateness = LatenessStats()
+        self.skew = ClockSkew()
+        self.skew_known = False
         self.telemetry = Telemetry.from_settings(settings)
-        self.counts = {FINAL: 0, CASCADE: 0, DEAD_LETTER: 0, "skipped": 0, "aborted": 0}
+        self.counts = {FINAL: 0, CASCADE: 0, DEAD_LETTER: 0, RESTAGE: 0, "skipped": 0,
+                       "duplicate": 0, "aborted": 0, "fenced": 0, "restarted": 0}
         self.consumer: KafkaConsumer | None = None
-        self.producer: KafkaProducer | None = None
+        self.released_partitions = 1
         self.running = False
+        self.heartbeat = time.monotonic()
         self._stopping = False
-        self._backoff_s = 0.1
-        self._next_txn_ms = 0
+        self._woken = asyncio.Event()
+        self._next_refresh = 0.0
+        self._topic_checked: dict[str, tuple[bool, int]] = {}
+        self._skew_warned = 0.0
 
     # --- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
-        """Ensure topics, fence any predecessor, and resume from the committed progress."""
+        """Ensure the topics, then claim this replica's partitions."""
         settings = self.settings
-        partitions = await ensure_topics(settings, settings.delay_topics,
-                                         clients=self.clients)
-        options = settings.kafka_client_options()
-        self.producer = self.clients.producer(
-            **options, transactional_id=self.transactional_id, enable_idempotence=True,
-            acks="all", linger_ms=0, max_batch_size=settings.producer.max_batch_size,
-            max_request_size=settings.producer.max_request_size + 64 * 1024,
-            transaction_timeout_ms=settings.republisher.transaction_timeout_ms)
-        # Starting the producer fences a previous instance of this replica and completes
-        # or aborts its open transaction, so the offsets read next are settled.
-        await self.producer.start()
-        mine = [TopicPartition(self.topic, p) for p in range(partitions[self.topic])
-                if p % self.replicas == self.replica]
-        committed = await self._committed(mine)
+        counts = await ensure_topics(settings, settings.delay_topics, clients=self.clients)
+        self.released_partitions = counts[settings.released_topic]
+        admin = await open_admin(settings, self.clients)
+        try:
+            stamp = (await admin.topic_config([self.topic], "message.timestamp.type"))
+            self.skew_known = stamp.get(self.topic) == "LogAppendTime"
+        finally:
+            await admin.close()
         self.consumer = self.clients.consumer(
-            **options, group_id=None, enable_auto_commit=False,
+            **settings.kafka_client_options(), group_id=None, enable_auto_commit=False,
             isolation_level="read_committed", auto_offset_reset="earliest",
             fetch_max_wait_ms=50, max_partition_fetch_bytes=4 * 1024 * 1024)
         await self.consumer.start()
-        self.consumer.assign(mine)
-        beginning = await self.consumer.beginning_offsets(mine) if mine else {}
-        for tp in mine:
-            offset, metadata = committed.get(tp, (-1, ""))
-            start = offset if offset >= 0 else beginning[tp]
-            self.consumer.seek(tp, start)
-            self.trackers[tp] = OffsetTracker.from_commit(start, metadata)
+        self._adopt(counts[self.topic])
+        self._next_refresh = time.monotonic() + self.rep.partition_refresh_s
         self.running = True
         log.info("republisher %s replica %d/%d started on partitions %s", self.topic,
-                 self.replica, self.replicas, [tp.partition for tp in mine])
+                 self.replica, self.replicas, sorted(tp.partition for tp in self.parts))
 
-    async def _committed(self, tps: list[TopicPartition]) -> dict[TopicPartition,
-                                                                   tuple[int, str]]:
-        if not tps:
-            return {}
-        admin = await open_admin(self.settings, self.clients)
-        try:
-            return await admin.committed(self.group_id, tps)
-        finally:
-            await admin.close()
+    def _adopt(self, partition_count: int) -> None:
+        """Take on the partitions of this replica that are new (the topic grew)."""
+        mine = [TopicPartition(self.topic, p) for p in range(partition_count)
+                if p % self.replicas == self.replica]
+        new = [tp for tp in mine if tp not in self.parts]
+        if not new:
+            return
+        window = round(self.rep.dedupe_window_s * 1000)
+        for tp in new:
+            self.parts[tp] = Partition(tp, window)
+        assert self.consumer is not None
+        # assign() resets positions: put back those of partitions already running
+        self.consumer.assign(list(self.parts))
+        for tp, part in self.parts.items():
+            if part.state == OWNED and part.tracker is not None:
+                self.consumer.seek(tp, part.tracker.position)
+                if part.wake_at is not None:
+                    self.consumer.pause(tp)
+            else:
+                self.consumer.pause(tp)
+        if len(self.parts) > len(new):
+            log.info("republisher %s picked up partitions %s", self.topic,
+                     [tp.partition for tp in new])
 
     async def close(self) -> None:
         self.running = False
-        for client in (self.consumer, self.producer):
-            if client is not None:
-                with contextlib.suppress(Exception):
-                    await client.stop()
-        self.consumer = self.producer = None
-        if len(self.heap):  # dropped here, read again from the committed progress
-            self.telemetry.add_delayed_held(-len(self.heap), delay_topic=self.topic)
-        self.heap = DueHeap()
-        self.trackers.clear()
-        self.wake_at.clear()
+        for part in self.parts.values():
+            if part.task is not None and not part.task.done():
+                part.task.cancel()
+                with contextlib.suppress(BaseException):
+                    await part.task
+            await self._drop(part)
+        if self.consumer is not None:
+            with contextlib.suppress(Exception):
+                await self.consumer.stop()
+        self.consumer = None
+        self.parts.clear()
 
     def stop(self) -> None:
         self._stopping = True
+        self._woken.set()
 
     @property
     def stopping(self) -> bool:
@@ -188,111 +287,545 @@ class BucketRepublisher:
 
     # --- the loop ------------------------------------------------------------------------
     async def run(self) -> None:
-        """Run until ``stop()``; raises Fenced when another instance took over."""
+        """Run until ``stop()``."""
         assert self.consumer is not None
-        linger = self.settings.republisher.linger_ms
-        while not self._stopping:
-            now = now_ms()
-            if now >= self._next_txn_ms:
-                due = self.heap.pop_due(now, self.settings.republisher.max_batch)
-                if due:
-                    self._next_txn_ms = now + linger
-                    await self._republish(due)
-                    continue
-            self._wake(now)
-            active = [tp for tp in self.trackers if tp not in self.consumer.paused()]
-            wait_ms = 200
-            next_due = self.heap.next_due()
-            if next_due is not None:
-                wait_ms = min(wait_ms, max(next_due, self._next_txn_ms) - now)
-            if self.wake_at:
-                wait_ms = min(wait_ms, min(self.wake_at.values()) - now)
-            wait_ms = max(wait_ms, 0)
-            if not active:
-                await asyncio.sleep(wait_ms / 1000)
+        fetch: asyncio.Task[dict[TopicPartition, list[Any]]] | None = None
+        try:
+            while not self._stopping:
+                self.heartbeat = time.monotonic()
+                if self.heartbeat >= self._next_refresh:
+                    await self._refresh()
+                now = now_ms()
+                self._schedule(now)
+                self._wake(now)
+                wait_ms = self._wait_ms(now)
+                active = [tp for tp, part in self.parts.items()
+                          if part.state == OWNED and part.wake_at is None]
+                if fetch is None and active:
+                    fetch = asyncio.ensure_future(self.consumer.getmany(
+                        *active, timeout_ms=wait_ms, max_records=self.rep.max_batch))
+                self._woken.clear()
+                woken = asyncio.ensure_future(self._woken.wait())
+                waiting: set[asyncio.Future[Any]] = {woken}
+                if fetch is not None:
+                    waiting.add(fetch)
+                done, _ = await asyncio.wait(waiting, timeout=wait_ms / 1000,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                woken.cancel()
+                if fetch is not None and fetch in done:
+                    batch, fetch = fetch.result(), None
+                    received = now_ms()
+                    for tp, records in batch.items():
+                        self._ingest(tp, records, received)
+        finally:
+            if fetch is not None:
+                fetch.cancel()
+                with contextlib.suppress(BaseException):
+                    await fetch
+
+    def _wait_ms(self, now: int) -> int:
+        wait = 200
+        for part in self.parts.values():
+            if part.task is not None:
                 continue
-            batch = await self.consumer.getmany(*active, timeout_ms=wait_ms,
-                                                max_records=self.settings.republisher.max_batch)
-            now = now_ms()
-            for tp, records in batch.items():
-                self._ingest(tp, records, now)
+            if part.state == OWNED:
+                due = part.heap.next_due()
+                if due is not None:
+                    wait = min(wait, max(due, part.next_txn_ms) - now)
+                if part.wake_at is not None:
+                    wait = min(wait, part.wake_at - now)
+            elif part.state in (RELEASED, REFUSED):
+                wait = min(wait, part.retry_at - now)
+        return max(wait, 0)
+
+    def _schedule(self, now: int) -> None:
+        """Start what is due: claims, transactions, lease renewals (one task per
+        partition at a time)."""
+        lease_ms = self.rep.partition_refresh_s * 1000
+        for part in self.parts.values():
+            if part.task is not None:
+                if not part.task.done():
+                    continue
+                part.task = None
+            if part.state in (RELEASED, REFUSED):
+                if now >= part.retry_at and not self._stopping:
+                    part.task = asyncio.ensure_future(self._guard(part, self._claim(part),
+                                                                  claim=True))
+            elif part.state == OWNED:
+                due = part.heap.next_due()
+                if due is not None and due <= now and now >= part.next_txn_ms:
+                    part.task = asyncio.ensure_future(self._guard(part, self._transact(part)))
+                elif now - part.last_commit_ms >= lease_ms:
+                    part.task = asyncio.ensure_future(self._guard(part, self._renew(part)))
+
+    async def _guard(self, part: Partition, work: Awaitable[None], *,
+                     claim: bool = False) -> None:
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if claim:  # the brokers away, a coordinator moving: try again later
+                log.warning("republisher %s partition %d: claim failed (%s: %s); retrying",
+                            self.topic, part.tp.partition, type(exc).__name__, exc)
+            else:  # unforeseen: start the partition over from its committed progress
+                log.exception("republisher %s partition %d failed", self.topic,
+                              part.tp.partition)
+            await self._reset(part, f"{'claim ' if claim else ''}failed: {exc!r}",
+                              retry=True)
+        finally:
+            self._woken.set()
+
+    async def _refresh(self) -> None:
+        """Partitions added to the topic are picked up here."""
+        self._next_refresh = time.monotonic() + self.rep.partition_refresh_s
+        try:
+            admin = await open_admin(self.settings, self.clients)
+            try:
+                count = await self._bounded(admin.partition_counts([self.topic]))
+            finally:
+                await admin.close()
+        except Exception as exc:
+            log.warning("republisher %s cannot read its partitions: %r", self.topic, exc)
+            return
+        if self.topic in count:
+            self._adopt(count[self.topic])
 
     def _wake(self, now: int) -> None:
         assert self.consumer is not None
-        for tp, when in list(self.wake_at.items()):
-            if when <= now and len(self.heap) < self.settings.republisher.max_held:
-                del self.wake_at[tp]
+        if self.held >= self.rep.max_held:
+            return
+        for tp, part in self.parts.items():
+            if part.state == OWNED and part.wake_at is not None and part.wake_at <= now:
+                part.wake_at = None
                 self.consumer.resume(tp)
 
-    def _pause(self, tp: TopicPartition, offset: int, wake_ms: int) -> None:
-        """Stop reading ``tp`` at ``offset`` (re-read from there once awake)."""
+    def _pause(self, part: Partition, offset: int, wake_ms: int) -> None:
+        """Stop reading ``part`` at ``offset`` (read again from there once awake)."""
         assert self.consumer is not None
-        self.consumer.pause(tp)
-        self.consumer.seek(tp, offset)
-        self.wake_at[tp] = wake_ms
+        self.consumer.pause(part.tp)
+        self.consumer.seek(part.tp, offset)
+        part.wake_at = wake_ms
 
+    async def _bounded(self, work: Awaitable[T]) -> T:
+        return await asyncio.wait_for(work, self.rep.ack_timeout_s)
+
+    # --- reading -------------------------------------------------------------------------
     def _ingest(self, tp: TopicPartition, records: list[Any], now: int) -> None:
-        tracker = self.trackers.get(tp)
-        if tracker is None:  # no longer ours
-            return
-        limit = self.settings.republisher.max_held
-        held = len(self.heap)
+        part = self.parts.get(tp)
+        if part is None or part.state != OWNED or part.wake_at is not None:
+            return  # no longer read from here; its position is set again when it is
+        assert part.tracker is not None
+        before = self.held
         try:
-            self._read(tp, tracker, records, now, limit)
+            self._read(part, part.tracker, records, now)
         finally:
-            self.telemetry.add_delayed_held(len(self.heap) - held, delay_topic=self.topic)
+            self.telemetry.add_delayed_held(self.held - before, delay_topic=self.topic)
 
-    def _read(self, tp: TopicPartition, tracker: OffsetTracker, records: list[Any],
-              now: int, limit: int) -> None:
+    def _read(self, part: Partition, tracker: OffsetTracker, records: list[Any],
+              now: int) -> None:
+        bound_ms = round(self.bucket_s * 1000) + self.read_ahead_ms + 2000 + \
+            self.rep.max_clock_skew_ms
         for record in records:
+            if self.skew_known and record.timestamp > 0:
+                self.skew.consumed(now, record.timestamp)
+            if record.offset < tracker.position:
+                continue  # read already (a fetch that crossed a seek)
             if tracker.is_done(record.offset):  # published before a restart: skip
                 tracker.read(record.offset, done=True)
                 self.counts["skipped"] += 1
                 continue
             try:
-                env = envelope.decode(record.value, self.keys)
+                env = envelope.decode(record.value, self.keys,
+                                      accept_unauthenticated=self.rep.accept_unauthenticated)
+                if env.hold_until_ms > now + bound_ms:
+                    # Nothing written into a bucket waits longer than the bucket: a
+                    # larger hold would pause the partition for nothing (or forever).
+                    raise MalformedEnvelopeError(
+                        f"hold_until {env.hold_until_ms} is beyond what bucket "
+                        f"{self.bucket_s:g}s allows (now {now})")
             except MalformedEnvelopeError as exc:
                 tracker.read(record.offset)
-                self.heap.push(now, Held(tp, record.offset, now, DEAD_LETTER, None,
-                                         record=record, error=str(exc)))
+                self._push(part, Held(record.offset, now, DEAD_LETTER, None, record=record,
+                                      error=str(exc)))
                 continue
             if env.hold_until_ms > now + self.read_ahead_ms:
-                self._pause(tp, record.offset, env.hold_until_ms - self.read_ahead_ms)
+                self._pause(part, record.offset, env.hold_until_ms - self.read_ahead_ms)
                 return
-            if len(self.heap) >= limit:  # memory bound: read on once the heap drains
-                self._pause(tp, record.offset, now + 50)
+            if self.held >= self.rep.max_held:  # memory bound: read on once it drains
+                self._pause(part, record.offset, now + 50)
                 return
             tracker.read(record.offset)
-            step = next_step(self.buckets, env.hold_until_ms, env.deliver_at_ms,
-                             max(now, env.hold_until_ms), self.near_window_s)
-            if isinstance(step, Cascade):
-                self.heap.push(env.hold_until_ms,
-                               Held(tp, record.offset, env.hold_until_ms, CASCADE, env, step))
-            else:
-                self.heap.push(env.deliver_at_ms,
-                               Held(tp, record.offset, env.deliver_at_ms, FINAL, env))
+            self._push(part, self._plan(record.offset, env, now))
 
-    # --- republishing ----------------------------------------------------------------------
-    def _outgoing(self, held: Held, span: RepublishSpan | None = None
+    def _plan(self, offset: int, env: envelope.Envelope, now: int) -> Held:
+        """What becomes of a message read now: forwarded to a shorter bucket at its hold
+        time, or released to its final topic at its due time."""
+        if now >= env.deliver_at_ms:
+            # Late (a backlog): released only from its release bucket, at once.
+            target = release_bucket(self.buckets, env.published_ms, env.deliver_at_ms,
+                                    self.near_window_s)
+            if target == self.bucket_s:
+                return Held(offset, env.deliver_at_ms, FINAL, env)
+            return Held(offset, now, CASCADE, env, Cascade(target, now))
+        step = next_step(self.buckets, env.hold_until_ms, env.deliver_at_ms,
+                         max(now, env.hold_until_ms), self.near_window_s)
+        if isinstance(step, Cascade):
+            return Held(offset, env.hold_until_ms, CASCADE, env, step)
+        return Held(offset, env.deliver_at_ms, FINAL, env)
+
+    def _push(self, part: Partition, held: Held) -> None:
+        part.heap.push(held.release_ms, held)
+        self.held += 1
+        if held.action == FINAL:
+            self._track(part, held)
+
+    # --- claiming ------------------------------------------------------------------------
+    async def _committed(self, tp: TopicPartition) -> tuple[int, str]:
+        """The committed (offset, metadata) of ``tp``; -1 when there is none (read once
+        from the group of versions that kept one per connection)."""
+        admin = await open_admin(self.settings, self.clients)
+        try:
+            found = await self._bounded(admin.committed(self.group_id, [tp]))
+            if tp not in found and self.rep.group_id is None:
+                found = await self._bounded(
+                    admin.committed(self.settings.legacy_republisher_group, [tp]))
+        finally:
+            await admin.close()
+        return found.get(tp, (-1, ""))
+
+    def _may_claim(self, part: Partition, holder: Owner | None, now: int) -> str | None:
+        """Why not to claim ``part`` now (None: claim it)."""
+        if holder is None or holder.instance == self.owner.instance:
+            return None
+        if holder.connection != self.owner.connection:
+            return (f"owned by connection {holder.connection!r}: a delay topic serves one "
+                    "connection")
+        fresh = now - holder.lease_ms < 3 * self.rep.partition_refresh_s * 1000
+        if part.fenced and fresh and holder.generation >= self.owner.generation:
+            return ("held by a newer layout" if holder.generation > self.owner.generation
+                    else "held by another process of this layout")
+        return None
+
+    async def _claim(self, part: Partition) -> None:
+        assert self.consumer is not None
+        part.state = CLAIMING
+        tp = part.tp
+        offset, metadata = await self._committed(tp)
+        _, holder_text = decode_commit(max(offset, 0), metadata)
+        holder = Owner.parse(holder_text)
+        why = self._may_claim(part, holder, now_ms())
+        if why is not None:
+            part.state = REFUSED if "connection" in why else RELEASED
+            part.note = why
+            part.yielded = True
+            part.retry_at = now_ms() + round(self.rep.partition_refresh_s * 1000)
+            log.info("republisher %s partition %d: not claimed, %s", self.topic,
+                     tp.partition, why)
+            return
+        producer = self.clients.producer(
+            **self.settings.kafka_client_options(), transactional_id=part.transactional_id,
+            enable_idempotence=True, acks="all", linger_ms=0,
+            max_batch_size=self.settings.producer.max_batch_size,
+            max_request_size=self.settings.producer.max_request_size + 64 * 1024,
+            transaction_timeout_ms=self.rep.transaction_timeout_ms)
+        try:
+            # Fences every earlier holder and settles its open transaction ...
+            await self._bounded(producer.start())
+            # ... so what is committed now is final.
+            offset, metadata = await self._committed(tp)
+            if offset < 0:
+                offset = (await self._bounded(self.consumer.beginning_offsets([tp])))[tp]
+            _, holder_text = decode_commit(offset, metadata)
+            holder = Owner.parse(holder_text)
+            if holder is not None and holder.connection != self.owner.connection:
+                raise ConfigurationError(f"owned by connection {holder.connection!r}")
+            owner = self.owner.renewed(now_ms())
+            tracker = OffsetTracker.from_commit(offset, metadata, str(owner))
+            # Say so at once: a republisher fenced earlier reads this and stands back.
+            await self._bounded(producer.begin_transaction())
+            await self._bounded(producer.send_offsets_to_transaction(
+                {tp: OffsetAndMetadata(*tracker.commit_point())}, self.group_id))
+            await self._bounded(producer.commit_transaction())
+            await self._restore_released(part)
+        except BaseException:
+            await _quietly_stop(producer)
+            raise
+        part.producer, part.tracker = producer, tracker
+        part.heap = DueHeap()
+        part.wake_at = None
+        part.state, part.note = OWNED, ""
+        part.yielded = False
+        part.backoff_s = 0.1
+        part.last_commit_ms = now_ms()
+        self.consumer.seek(tp, tracker.position)
+        self.consumer.resume(tp)
+        log.info("republisher %s partition %d claimed at offset %d", self.topic,
+                 tp.partition, tracker.position)
+
+    def _marker_partition(self, tp: TopicPartition) -> int:
+        return zlib.crc32(self._marker_key(tp)) % self.released_partitions
+
+    @staticmethod
+    def _marker_key(tp: TopicPartition) -> bytes:
+        return f"{tp.topic}/{tp.partition}".encode()
+
+    async def _restore_released(self, part: Partition) -> None:
+        """Ids this partition released within the dedupe window, as recorded in the
+        released-ids topic (written in the same transactions as the releases)."""
+        window = round(self.rep.dedupe_window_s * 1000)
+        if window <= 0:
+            return
+        mtp = TopicPartition(self.settings.released_topic, self._marker_partition(part.tp))
+        key = self._marker_key(part.tp)
+        reader = self.clients.consumer(
+            **self.settings.kafka_client_options(), group_id=None, enable_auto_commit=False,
+            isolation_level="read_committed", auto_offset_reset="earliest")
+        await self._bounded(reader.start())
+        try:
+            reader.assign([mtp])
+            end = (await self._bounded(reader.end_offsets([mtp])))[mtp]
+            found = (await self._bounded(reader.offsets_for_times({mtp: now_ms() - window})
+                                         ))[mtp]
+            start = end if found is None else found[0]
+            reader.seek(mtp, start)
+            deadline = time.monotonic() + self.rep.ack_timeout_s
+            now = now_ms()
+            while start < end:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("reading the released-ids topic took too long")
+                batch = await reader.getmany(mtp, timeout_ms=200, max_records=10_000)
+                for record in batch.get(mtp, ()):
+                    if record.key == key and record.value:
+                        part.recent.add(record.value.decode("ascii", "replace"), now)
+                start = await self._bounded(reader.position(mtp))
+        finally:
+            await reader.stop()
+
+    async def _renew(self, part: Partition) -> None:
+        """An idle partition's lease: commit the same progress, owner and time."""
+        assert part.producer is not None and part.tracker is not None
+        part.tracker.owner = str(self.owner.renewed(now_ms()))
+        began = time.monotonic()
+        try:
+            await self._bounded(part.producer.begin_transaction())
+            await self._bounded(part.producer.send_offsets_to_transaction(
+                {part.tp: OffsetAndMetadata(*part.tracker.commit_point())}, self.group_id))
+            await self._bounded(part.producer.commit_transaction())
+        except Exception as exc:
+            await self._failed(part, exc, [], began)
+            return
+        part.last_commit_ms = now_ms()
+
+    # --- republishing --------------------------------------------------------------------
+    async def _transact(self, part: Partition) -> None:
+        assert part.tracker is not None
+        now = now_ms()
+        due = part.heap.pop_due(now, self.rep.max_batch)
+        self.held -= len(due)
+        if not due:
+            return
+        part.next_txn_ms = now + self.rep.linger_ms
+        send, skip, later = await self._select(part, due, now)
+        for h in later:
+            self._push(part, h)
+        if not send and not skip:
+            return
+        offsets, spilled, deferred = self._plan_commit(part, send, skip)
+        for h in deferred:
+            h.release_ms = now + 100
+            self._push(part, h)
+        send = [h for h in send if all(h is not d for d in deferred)] + spilled
+        skip = [h for h in skip if all(h is not d for d in deferred)]
+        if not send and not skip:
+            return
+        await self._run(part, send, skip, offsets, now)
+
+    async def _select(self, part: Partition, due: list[Held], now: int
+                      ) -> tuple[list[Held], list[Held], list[Held]]:
+        """Order a due batch and sort it into (send, skip as already released, put back).
+
+        Many due at once: HIGH first, then by due time, keeping each partition's order;
+        but a message goes to its final topic only after every message of its key due
+        before it (or due with it and read before it) has gone: one that cannot go now (its
+        topic missing, its transaction aborted) holds back the later ones of its key."""
+        for h in due:
+            env = h.env
+            if h.action == CASCADE and env is not None and now >= env.deliver_at_ms:
+                # due while still on its way: straight to where it is released
+                target = release_bucket(self.buckets, env.published_ms, env.deliver_at_ms,
+                                        self.near_window_s)
+                if target == self.bucket_s:
+                    h.action, h.cascade = FINAL, None
+                    self._track(part, h)
+                else:
+                    h.cascade = Cascade(target, now)
+        due.sort(key=lambda h: (h.rank, h.release_ms, h.offset))
+        by_key: dict[bytes, list[int]] = {}
+        for i, h in enumerate(due):
+            if h.action == FINAL and h.env is not None and h.env.key is not None:
+                by_key.setdefault(h.env.key, []).append(i)
+        for slots in by_key.values():
+            if len(slots) > 1:
+                ordered = sorted((due[i] for i in slots), key=_key_order)
+                for i, h in zip(slots, ordered, strict=True):
+                    due[i] = h
+        send: list[Held] = []
+        skip: list[Held] = []
+        later: list[Held] = []
+        gone: dict[bytes, int] = {}  # per key: how many of its earliest are going now
+        seen: set[str] = set()
+        for h in due:
+            env = h.env
+            if h.action != FINAL or env is None:
+                send.append(h)
+                continue
+            key = env.key
+            if key is not None:
+                self._track(part, h)
+                earlier = sorted(part.pending_by_key[key])
+                if earlier.index(_key_order(h)) != gone.get(key, 0):
+                    h.release_ms = now + 50  # behind an earlier message of its key
+                    later.append(h)
+                    continue
+            if env.message_id in part.recent or env.message_id in seen:
+                skip.append(h)  # released before: a retried publish's second copy
+            elif not await self._topic_exists(part, env.topic):
+                failing = part.failing.setdefault(h.offset, Failing())
+                failing.attempts += 1
+                failing.last = f"final topic {env.topic!r} does not exist"
+                if failing.attempts < self.rep.max_attempts:
+                    h.release_ms = now + self._backoff_ms(failing.attempts)
+                    later.append(h)
+                    continue
+                self._dead(h, f"not delivered after {failing.attempts} attempts: "
+                              f"{failing.last}")
+                send.append(h)
+            else:
+                seen.add(env.message_id)
+                send.append(h)
+            if key is not None:
+                gone[key] = gone.get(key, 0) + 1
+        return send, skip, later
+
+    def _track(self, part: Partition, h: Held) -> None:
+        """A message on its way to its final topic, for its key's order."""
+        if h.env is not None and h.env.key is not None:
+            part.pending_by_key.setdefault(h.env.key, set()).add(_key_order(h))
+
+    def _untrack(self, part: Partition, h: Held) -> None:
+        if h.env is not None and h.env.key is not None:
+            pending = part.pending_by_key.get(h.env.key)
+            if pending is not None:
+                pending.discard(_key_order(h))
+                if not pending:
+                    del part.pending_by_key[h.env.key]
+
+    async def _topic_exists(self, part: Partition, topic: str) -> bool:
+        """Whether a final topic exists (or, with the brokers' auto-create, now does):
+        known ones are not asked again, missing ones at most every two seconds."""
+        known = self._topic_checked.get(topic)
+        now = now_ms()
+        if known is not None and (known[0] or now - known[1] < _MISSING_TOPIC_RECHECK_MS):
+            return known[0]
+        assert part.producer is not None
+        try:
+            await asyncio.wait_for(part.producer.partitions_for(topic), _TOPIC_CHECK_S)
+            exists = True
+        except Exception:
+            exists = False
+        self._topic_checked[topic] = (exists, now)
+        return exists
+
+    def _backoff_ms(self, attempts: int) -> int:
+        base = min(0.1 * 2.0 ** attempts, self.rep.retry_backoff_max_s)
+        return round(1000 * base * random.uniform(0.5, 1.0))
+
+    @staticmethod
+    def _dead(h: Held, error: str) -> None:
+        h.action = DEAD_LETTER
+        h.error = error
+
+    def _plan_commit(self, part: Partition, send: list[Held], skip: list[Held]
+                     ) -> tuple[dict[TopicPartition, OffsetAndMetadata], list[Held],
+                                list[Held]]:
+        """The offsets this transaction commits, and what it takes to fit them in Kafka's
+        metadata limit: messages still waiting moved to the end of the partition
+        (``RESTAGE``, lowest offsets first), else the highest due ones deferred."""
+        tracker = part.tracker
+        assert tracker is not None
+        tracker.owner = str(self.owner.renewed(now_ms()))
+        finishing = sorted(h.offset for h in send + skip)
+        point = tracker.commit_point(finishing)
+        if len(point[1]) <= MAX_METADATA:
+            return {part.tp: OffsetAndMetadata(*point)}, [], []
+        waiting = sorted((h for h in part.heap.items()
+                          if h.env is not None and h.env.hop < envelope.MAX_HOPS),
+                         key=lambda h: h.offset)
+
+        def fits(spill: int) -> bool:
+            extra = [h.offset for h in waiting[:spill]]
+            return len(tracker.commit_point(finishing + extra)[1]) <= MAX_METADATA
+
+        if waiting and fits(len(waiting)):
+            lo, hi = 1, len(waiting)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if fits(mid):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            spilled = waiting[:lo]
+            part.heap.remove(spilled)
+            self.held -= len(spilled)
+            for h in spilled:
+                h.spill = True
+            point = tracker.commit_point(finishing + [h.offset for h in spilled])
+            return {part.tp: OffsetAndMetadata(*point)}, spilled, []
+        # Nothing waiting helps: defer the highest due offsets (the longest prefix fits).
+        lo, hi = 0, len(finishing) - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(tracker.commit_point(finishing[:mid])[1]) <= MAX_METADATA:
+                lo = mid
+            else:
+                hi = mid - 1
+        cut = set(finishing[lo:])
+        deferred = [h for h in send + skip if h.offset in cut]
+        point = tracker.commit_point(finishing[:lo])
+        return {part.tp: OffsetAndMetadata(*point)}, [], deferred
+
+    def _outgoing(self, part: Partition, h: Held, span: RepublishSpan | None
                   ) -> tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]]:
-        env = held.env
-        if held.action == DEAD_LETTER or env is None:
+        env = h.env
+        if h.action == DEAD_LETTER or env is None:
             # The record as it was read (an undecodable one byte for byte), so it can be
             # inspected and replayed; the error and where it came from in headers.
-            error = [(H_ERROR, (held.error or "unknown error").encode()[:1000]),
-                     (H_ERROR_SOURCE, f"{held.tp.topic}/{held.tp.partition}/"
-                                      f"{held.offset}".encode())]
-            dlq = self.settings.republisher.dead_letter_topic
+            error = [(H_ERROR, (h.error or "unknown error").encode()[:1000]),
+                     (H_ERROR_SOURCE, f"{part.tp.topic}/{part.tp.partition}/"
+                                      f"{h.offset}".encode())]
+            dlq = self.rep.dead_letter_topic
             if env is None:
-                rec = held.record
+                rec = h.record
                 return dlq, rec.key, rec.value, [*(rec.headers or ()), *error]
-            return dlq, env.key, envelope.encode(env, self.keys), [*delay_headers(env),
-                                                                    *error]
-        if held.action == CASCADE:
-            assert held.cascade is not None
-            nxt = env.next_hop(held.cascade.hold_until_ms)
-            return (self.settings.delay_topics[held.cascade.bucket], env.key,
-                    envelope.encode(nxt, self.keys), delay_headers(nxt))
+            value = envelope.encode(env, self.keys)
+            if part.failing.get(h.offset, Failing()).dead_letter_refused:
+                # Even the dead-letter topic refused it (too large): keep the error and
+                # where the message still is, drop the bytes.
+                value = None  # type: ignore[assignment]
+                error[0] = (H_ERROR, error[0][1] + b" (value too large for the dead-letter "
+                                                   b"topic: see the source offset)")
+            return dlq, partition_key(env), value, [*delay_headers(env), *error]
+        if h.spill or h.action == CASCADE:
+            if h.spill:  # the same bucket and hold, at the end of the partition
+                topic, hold = self.topic, env.hold_until_ms
+            else:
+                assert h.cascade is not None
+                topic = self.settings.delay_topics[h.cascade.bucket]
+                hold = h.cascade.hold_until_ms
+            nxt = env.next_hop(hold)
+            return topic, partition_key(nxt), envelope.encode(nxt, self.keys), \
+                delay_headers(nxt)
         record = delivered_record(env)
         headers = record.headers
         if span is not None and span.trace_headers():
@@ -302,101 +835,201 @@ class BucketRepublisher:
             headers = out.to_kafka()
         return record.topic, record.key, record.value, headers
 
-    def _plan_commit(self, due: list[Held]
-                     ) -> tuple[list[Held], list[Held], dict[TopicPartition, OffsetAndMetadata]]:
-        """What this transaction commits per partition, computed once. Messages that would
-        make a commit's metadata too large (a rare, extreme backlog above a long-held
-        message) are split off: they wait for the watermark to move."""
-        by_tp: dict[TopicPartition, list[int]] = {}
-        for h in due:
-            by_tp.setdefault(h.tp, []).append(h.offset)
-        deferred: set[tuple[TopicPartition, int]] = set()
-        offsets = {}
-        for tp, offs in by_tp.items():
-            tracker = self.trackers[tp]
-            offs.sort()
-            point = tracker.commit_point(offs)
-            if len(point[1]) > MAX_METADATA:
-                # the longest prefix (lowest offsets first) that fits, by bisection
-                lo, hi = 0, len(offs) - 1
-                while lo < hi:
-                    mid = (lo + hi + 1) // 2
-                    if len(tracker.commit_point(offs[:mid])[1]) <= MAX_METADATA:
-                        lo = mid
-                    else:
-                        hi = mid - 1
-                deferred.update((tp, o) for o in offs[lo:])
-                offs = offs[:lo]
-                point = tracker.commit_point(offs)
-            if offs:
-                offsets[tp] = OffsetAndMetadata(*point)
-        if not deferred:
-            return due, [], offsets
-        keep = [h for h in due if (h.tp, h.offset) not in deferred]
-        return keep, [h for h in due if (h.tp, h.offset) in deferred], offsets
-
-    async def _republish(self, due: list[Held]) -> None:
-        assert self.producer is not None
-        due, deferred, offsets = self._plan_commit(due)
-        for h in deferred:
-            h.release_ms = now_ms() + 100
-            self.heap.push(h.release_ms, h)
-        if not due:
-            return
-        # Many due at once: HIGH first, then by due time, keeping each partition's order.
-        due.sort(key=lambda h: (h.rank, h.release_ms, h.offset))
-        finishing: dict[TopicPartition, list[int]] = {}
-        for h in due:
-            finishing.setdefault(h.tp, []).append(h.offset)
-        producer = self.producer
-        failures: dict[int, BaseException] = {}
+    async def _run(self, part: Partition, send: list[Held], skip: list[Held],
+                   offsets: dict[TopicPartition, OffsetAndMetadata], now: int) -> None:
+        """One transaction: the records, a released-id marker per final record, the
+        offsets; or, on failure, every message back in the heap (or the partition
+        restarted from its committed progress)."""
+        producer = part.producer
+        assert producer is not None and part.tracker is not None
         spans: dict[int, RepublishSpan] = {}
+        records = []
+        for i, h in enumerate(send):
+            span = None
+            if h.action == FINAL and h.env is not None:
+                span = spans[i] = self.telemetry.start_republish(
+                    h.env.topic, h.env.headers, message_id=h.env.message_id,
+                    key=h.env.key, delay_topic=self.topic, hop=h.env.hop)
+            try:
+                records.append(self._outgoing(part, h, span))
+            except MalformedEnvelopeError as exc:  # e.g. one hop too many after a change
+                self._dead(h, str(exc))
+                records.append(self._outgoing(part, h, None))
+        marker = TopicPartition(self.settings.released_topic, self._marker_partition(part.tp))
+        marker_key = self._marker_key(part.tp)
+        began = time.monotonic()
+        sent_ms = now_ms()
         futures: list[Any] = []
         try:
-            await producer.begin_transaction()
-            for i, h in enumerate(due):
-                span = None
-                if h.action == FINAL and h.env is not None:
-                    span = spans[i] = self.telemetry.start_republish(
-                        h.env.topic, h.env.headers, message_id=h.env.message_id,
-                        key=h.env.key, delay_topic=self.topic, hop=h.env.hop)
-                topic, key, value, headers = self._outgoing(h, span)
+            await self._bounded(producer.begin_transaction())
+            refused: dict[int, BaseException] = {}
+            for i, (topic, key, value, headers) in enumerate(records):
                 try:
-                    futures.append(await producer.send(topic, value, key=key,
-                                                       headers=headers))
-                except KafkaError as exc:  # refused before sending (size, metadata)
-                    failures[i] = exc
+                    futures.append(_observed(await self._bounded(producer.send(
+                        topic, value, key=key, headers=headers))))
+                except asyncio.TimeoutError:
                     raise
-            results = await asyncio.gather(*futures, return_exceptions=True)
-            failures = {i: r for i, r in enumerate(results) if isinstance(r, BaseException)}
-            if failures:
-                raise next(iter(failures.values()))
-            await producer.send_offsets_to_transaction(offsets, self.group_id)
-            await producer.commit_transaction()
-        except ProducerFenced as exc:
+                except Exception as exc:  # refused before sending (size, metadata)
+                    refused[i] = exc
+                    raise _Refused(refused) from exc
+            for h in send:
+                if h.action == FINAL and h.env is not None:
+                    futures.append(_observed(await self._bounded(producer.send(
+                        marker.topic, h.env.message_id.encode(), key=marker_key,
+                        partition=marker.partition))))
+            results = await self._bounded(asyncio.gather(*futures, return_exceptions=True))
+            refused = {i: r for i, r in enumerate(results[:len(records)])
+                       if isinstance(r, BaseException)}
+            if refused or any(isinstance(r, BaseException) for r in results):
+                raise _Refused(refused) from next(r for r in results
+                                                 if isinstance(r, BaseException))
+            await self._bounded(producer.send_offsets_to_transaction(offsets, self.group_id))
+            await self._bounded(producer.commit_transaction())
+        except asyncio.CancelledError:
+            self._end_spans(spans, asyncio.CancelledError())
+            raise
+        except Exception as exc:
             self._end_spans(spans, exc)
-            raise Fenced(str(exc)) from exc
-        except (KafkaError, asyncio.TimeoutError, OSError) as exc:
-            self._end_spans(spans, exc)
-            await self._abort(due, failures, exc)
+            await self._failed(part, exc, send + skip, began)
             return
         committed = now_ms()
-        self._backoff_s = 0.1
-        for tp, offs in finishing.items():
-            self.trackers[tp].finish(offs)
-        self.telemetry.add_delayed_held(-len(due), delay_topic=self.topic)
-        for h in due:
+        self._committed_ok(part, send, skip, offsets, committed)
+        self._end_spans(spans, None, results)
+        if self.skew_known:
+            for (topic, *_), meta in zip(records, results, strict=False):
+                if not isinstance(meta, BaseException) and (
+                        topic in self.settings.delay_topics.values()):
+                    self.skew.produced(sent_ms, committed, meta.timestamp)
+        self._check_skew()
+
+    def _committed_ok(self, part: Partition, send: list[Held], skip: list[Held],
+                      offsets: dict[TopicPartition, OffsetAndMetadata], committed: int
+                      ) -> None:
+        assert part.tracker is not None
+        part.tracker.finish(h.offset for h in send + skip)
+        part.last_commit_ms = committed
+        part.backoff_s = 0.1
+        self.telemetry.add_delayed_held(-(len(send) + len(skip)), delay_topic=self.topic)
+        self.counts["duplicate"] += len(skip)
+        for h in send + skip:
+            part.failing.pop(h.offset, None)
+            self._untrack(part, h)
+        for h in send:
+            if h.spill:
+                self.counts[RESTAGE] += 1
+                continue
             self.counts[h.action] += 1
-            if h.action == FINAL and h.env is not None:
-                late = (committed - h.env.deliver_at_ms) / 1000
+            env = h.env
+            if h.action == FINAL and env is not None:
+                part.recent.add(env.message_id, committed)
+                late = (committed - env.deliver_at_ms) / 1000
                 self.lateness.add(late)
-                self.telemetry.record_lateness(late, delay_topic=self.topic,
-                                               topic=h.env.topic)
+                self.telemetry.record_lateness(late, delay_topic=self.topic, topic=env.topic)
             elif h.action == DEAD_LETTER:
                 self.telemetry.record_dlq(
                     source_topic=self.topic,
-                    error_type="MalformedEnvelopeError" if h.env is None else "PublishError")
-        self._end_spans(spans, None, results)
+                    error_type="MalformedEnvelopeError" if env is None else "PublishError")
+
+    async def _failed(self, part: Partition, exc: BaseException, held: list[Held],
+                      began: float) -> None:
+        """A transaction did not commit: nothing of it is visible. Retry it, or restart
+        the partition from its committed progress, or stand back (fenced)."""
+        self.counts["aborted"] += 1
+        self.telemetry.record_error(kafka_error_name(exc), operation="republish",
+                                    topic=self.topic)
+        cause = exc.__cause__ if isinstance(exc, _Refused) and exc.__cause__ else exc
+        kind = classify(cause).kind if not isinstance(cause, asyncio.TimeoutError) else (
+            "unusable")
+        if isinstance(cause, (AssertionError, _Unusable)) or type(cause).__name__ in (
+                "IllegalOperation", "ProducerClosed"):
+            kind = "unusable"
+        if kind == "fenced":
+            timed_out = (time.monotonic() - began) * 1000 >= \
+                0.9 * self.rep.transaction_timeout_ms
+            if timed_out:
+                kind = "unusable"
+            else:
+                self.counts["fenced"] += 1
+                log.warning("republisher %s partition %d fenced by a newer holder",
+                            self.topic, part.tp.partition)
+                await self._reset(part, "fenced by a newer holder", retry=False)
+                return
+        if kind == "unusable":
+            log.warning("republisher %s partition %d: transaction of %d given up (%r); "
+                        "resuming from the committed progress", self.topic,
+                        part.tp.partition, len(held), exc)
+            await self._reset(part, f"restarted after {type(cause).__name__}", retry=True)
+            return
+        log.warning("republisher %s partition %d: transaction of %d aborted: %r",
+                    self.topic, part.tp.partition, len(held), cause)
+        try:
+            assert part.producer is not None
+            await self._bounded(part.producer.abort_transaction())
+        except Exception as abort_exc:
+            await self._reset(part, f"abort failed: {abort_exc!r}", retry=True)
+            return
+        now = now_ms()
+        refused = exc.failures if isinstance(exc, _Refused) else {}
+        part.backoff_s = min(part.backoff_s * 2, self.rep.retry_backoff_max_s)
+        retry_at = now + round(1000 * part.backoff_s * random.uniform(0.5, 1.0))
+        for i, h in enumerate(held):
+            if h.spill:  # not due: waits again where it was
+                h.spill = False
+                self._push(part, h)
+                continue
+            failing = part.failing.setdefault(h.offset, Failing())
+            error = refused.get(i)
+            blamed = error is not None and classify(error).kind == "permanent"
+            if error is not None and blamed and h.action == DEAD_LETTER:
+                failing.dead_letter_refused += 1
+            elif error is not None and blamed:
+                failing.attempts += 1
+                failing.last = f"{kafka_error_name(error)}: {error}"
+                if failing.attempts >= self.rep.max_attempts and h.action != DEAD_LETTER:
+                    self._dead(h, f"not delivered after {failing.attempts} attempts: "
+                                  f"{failing.last}")
+            else:
+                if failing.since_ms is None:
+                    failing.since_ms = now
+                failing.last = f"{kafka_error_name(cause)}: {cause}"
+                if now - failing.since_ms > self.rep.retry_window_s * 1000 and \
+                        h.action != DEAD_LETTER:
+                    self._dead(h, f"failing for {self.rep.retry_window_s:g}s: "
+                                  f"{failing.last}")
+            # The message at fault waits its backoff (and the later ones of its key with
+            # it); the others go again soon.
+            h.release_ms = retry_at if blamed or not refused else now + 50
+            self._push(part, h)
+
+    async def _reset(self, part: Partition, note: str, *, retry: bool) -> None:
+        """Drop the partition's producer and held messages; claim it again (now, or once
+        its holder may be gone)."""
+        await self._drop(part)
+        part.state = RELEASED
+        part.note = note
+        part.yielded = False
+        # From now on this partition is claimed again only if no one else holds it: a
+        # failure here may well be another holder's doing.
+        part.fenced = True
+        self.counts["restarted"] += 1
+        delay = part.backoff_s if retry else self.rep.partition_refresh_s
+        part.backoff_s = min(max(part.backoff_s, 0.1) * 2, self.rep.retry_backoff_max_s)
+        part.retry_at = now_ms() + round(1000 * delay * random.uniform(0.5, 1.0))
+
+    async def _drop(self, part: Partition) -> None:
+        if len(part.heap):  # dropped here, read again from the committed progress
+            self.held -= len(part.heap)
+            self.telemetry.add_delayed_held(-len(part.heap), delay_topic=self.topic)
+        part.heap = DueHeap()
+        part.pending_by_key.clear()
+        part.tracker = None
+        part.wake_at = None
+        if self.consumer is not None and part.tp in self.parts:
+            with contextlib.suppress(Exception):
+                self.consumer.pause(part.tp)
+        producer, part.producer = part.producer, None
+        if producer is not None:
+            await _quietly_stop(producer, self.rep.ack_timeout_s)
 
     @staticmethod
     def _end_spans(spans: dict[int, RepublishSpan], error: BaseException | None,
@@ -404,43 +1037,75 @@ class BucketRepublisher:
         for i, span in spans.items():
             if error is not None:
                 span.failed(error)
-            elif results is not None:
+            elif results is not None and results[i] is not None:
                 span.acked(results[i].partition, results[i].offset)
             span.end()
 
-    async def _abort(self, due: list[Held], failures: dict[int, BaseException],
-                     exc: BaseException) -> None:
-        """Nothing of the transaction is visible; every message goes back to the heap, to be
-        retried with backoff. A message failing for a non-retriable reason goes to the
-        dead-letter topic after ``max_attempts``."""
-        assert self.producer is not None
-        self.counts["aborted"] += 1
-        self.telemetry.record_error(exc, operation="republish", topic=self.topic)
-        log.warning("republish transaction of %d messages aborted: %r", len(due), exc)
-        retry_at = now_ms() + round(self._backoff_s * 1000)
-        self._backoff_s = min(self._backoff_s * 2, self.settings.republisher.retry_backoff_max_s)
-        for i, h in enumerate(due):
-            error = failures.get(i)
-            if error is not None and not getattr(error, "retriable", True):
-                h.attempts += 1
-                if h.attempts >= self.settings.republisher.max_attempts:
-                    h.action = DEAD_LETTER
-                    h.error = f"not delivered after {h.attempts} attempts: {error!r}"
-            h.release_ms = retry_at
-            self.heap.push(retry_at, h)
-        # If the abort itself fails the producer is unusable: the caller restarts this
-        # republisher, which re-reads from the committed progress.
-        await self.producer.abort_transaction()
+    def _check_skew(self) -> None:
+        skew = self.skew.estimate()
+        if skew is None or abs(skew) <= self.rep.max_clock_skew_ms:
+            return
+        if time.monotonic() - self._skew_warned > 60:
+            self._skew_warned = time.monotonic()
+            log.warning("republisher %s: this host's clock is %+.0f ms off the brokers' "
+                        "(republisher.max_clock_skew_ms=%d): messages may be released "
+                        "early or late by that much; synchronise the clocks (NTP)",
+                        self.topic, -skew, self.rep.max_clock_skew_ms)
 
     # --- introspection -------------------------------------------------------------------
+    def ready(self) -> bool:
+        """Every partition of this replica claimed, refused or standing back."""
+        return self.running and bool(self.parts) and all(
+            p.state == OWNED or p.yielded for p in self.parts.values())
+
+    def refused(self) -> list[str]:
+        return [f"{p.tp.partition}: {p.note}" for p in self.parts.values()
+                if p.state == REFUSED]
+
     def stats(self) -> dict[str, Any]:
-        paused = [tp.partition for tp in self.wake_at]
+        skew = self.skew.estimate() if self.skew_known else None
+        partitions = {
+            tp.partition: {
+                "state": p.state, "note": p.note, "held": len(p.heap),
+                "paused": p.wake_at is not None,
+                "committed": p.tracker.watermark() if p.tracker else None,
+                "position": p.tracker.position if p.tracker else None,
+                "failing": len(p.failing), "released_ids": len(p.recent)}
+            for tp, p in sorted(self.parts.items(), key=lambda kv: kv[0].partition)}
         return {
             "topic": self.topic, "bucket_s": self.bucket_s, "replica": self.replica,
             "replicas": self.replicas, "running": self.running,
-            "partitions": sorted(tp.partition for tp in self.trackers),
-            "held": len(self.heap), "paused": sorted(paused),
-            "committed": {tp.partition: t.commit_point()[0]
-                          for tp, t in self.trackers.items()},
+            "generation": self.owner.generation, "instance": self.owner.instance,
+            "partitions": sorted(p for p, v in partitions.items() if v["state"] == OWNED),
+            "partition_states": partitions,
+            "held": self.held,
+            "paused": sorted(p for p, v in partitions.items() if v["paused"]),
+            "committed": {p: v["committed"] for p, v in partitions.items()
+                          if v["committed"] is not None},
             "republished": dict(self.counts), "lateness": self.lateness.summary(),
+            "clock_skew_ms": skew,
+            "heartbeat_age_s": round(time.monotonic() - self.heartbeat, 3),
         }
+
+
+def _key_order(h: Held) -> tuple[int, int]:
+    assert h.env is not None
+    return (h.env.deliver_at_ms, h.offset)
+
+
+def _observed(future: asyncio.Future[T]) -> asyncio.Future[T]:
+    """A send's future whose failure is handled as the transaction's (or not at all, when
+    an earlier record already failed it): never logged as "exception never retrieved"."""
+    future.add_done_callback(_retrieve)
+    return future
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+async def _quietly_stop(producer: KafkaProducer, timeout_s: float = 10.0) -> None:
+    # Stopping does not abort an open transaction: the next holder's start does.
+    with contextlib.suppress(BaseException):
+        await asyncio.wait_for(producer.stop(), timeout_s)

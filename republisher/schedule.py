@@ -22,7 +22,7 @@ import math
 import zlib
 from array import array
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -137,6 +137,16 @@ class DueHeap(Generic[T]):
             out.append(heapq.heappop(self._heap)[2])
         return out
 
+    def items(self) -> list[T]:
+        """Every item, in no particular order."""
+        return [entry[2] for entry in self._heap]
+
+    def remove(self, drop: Iterable[T]) -> None:
+        """Take these items out (by identity)."""
+        ids = {id(x) for x in drop}
+        self._heap = [e for e in self._heap if id(e[2]) not in ids]
+        heapq.heapify(self._heap)
+
     def __len__(self) -> int:
         return len(self._heap)
 
@@ -247,21 +257,28 @@ def _from_bits(watermark: int, bits: bytes) -> set[int]:
 
 @dataclass(frozen=True, slots=True)
 class Owner:
-    """Who owns a delay-topic partition, as its commit metadata says: a connection and the
-    generation of the layout its republisher was started with (newer layouts win)."""
+    """Who holds a delay-topic partition, as its commit metadata says: a connection, the
+    generation of the layout its republisher was started with (newer layouts win), the
+    process (a random id), and when it last committed (its lease)."""
 
     connection: str
     generation: int
+    instance: str
+    lease_ms: int
 
     def __str__(self) -> str:
-        return f"{self.connection}@{self.generation}"
+        return f"{self.connection}@{self.generation}@{self.instance}@{self.lease_ms}"
 
     @classmethod
     def parse(cls, text: str) -> Owner | None:
-        connection, sep, generation = text.rpartition("@")
-        if not sep or not connection or not generation.isdigit():
+        parts = text.rsplit("@", 3)
+        if len(parts) != 4 or not parts[0] or not parts[1].isdigit() or \
+                not parts[3].isdigit():
             return None
-        return cls(connection, int(generation))
+        return cls(parts[0], int(parts[1]), parts[2], int(parts[3]))
+
+    def renewed(self, now_ms: int) -> Owner:
+        return replace(self, lease_ms=now_ms)
 
 
 @dataclass
@@ -375,6 +392,47 @@ class RecentIds:
     def nbytes(self) -> int:
         """Memory the ids take, near enough."""
         return 64 * len(self._current) + sum(8 * len(h) for _, h in self._slices)
+
+
+# --- clock skew --------------------------------------------------------------------------
+class ClockSkew:
+    """How far the brokers' clock is ahead of ours (ms), bounded by samples.
+
+    Delay topics athomic creates stamp records with the broker's append time. A record we
+    produced was appended between our send and its acknowledgement:
+    ``broker - acked <= skew <= broker - sent``. A record we consumed was appended before
+    we received it: ``skew >= broker - received``. The estimate is the middle of the
+    tightest bounds over the last ``size`` samples of each kind."""
+
+    def __init__(self, size: int = 500) -> None:
+        self._lows: list[int] = []
+        self._highs: list[int] = []
+        self._size = size
+
+    def _keep(self, values: list[int], value: int) -> None:
+        values.append(value)
+        if len(values) > self._size:
+            del values[0]
+
+    def produced(self, sent_ms: int, acked_ms: int, broker_ms: int) -> None:
+        self._keep(self._lows, broker_ms - acked_ms)
+        self._keep(self._highs, broker_ms - sent_ms)
+
+    def consumed(self, received_ms: int, broker_ms: int) -> None:
+        self._keep(self._lows, broker_ms - received_ms)
+
+    def estimate(self) -> float | None:
+        """The skew (broker - local, ms), or None before any sample."""
+        if not self._lows:
+            return None
+        low = max(self._lows)
+        if not self._highs:
+            return float(low)
+        high = min(self._highs)
+        if low > high:  # a clock stepped: the old samples no longer hold
+            self._lows, self._highs = self._lows[-1:], self._highs[-1:]
+            return self.estimate()
+        return (low + high) / 2
 
 
 # --- lateness ------------------------------------------------------------------------------

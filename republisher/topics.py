@@ -40,22 +40,30 @@ async def open_admin(settings: MessagingSettings, clients: KafkaClients = AIOKAF
 async def ensure_topics(settings: MessagingSettings, topics: dict[float, str],
                         with_dead_letter: bool = True, *,
                         clients: KafkaClients = AIOKAFKA) -> dict[str, int]:
-    """Create missing delay topics (and the dead-letter topic); refuse an existing delay
-    topic whose retention is shorter than ``required_retention_ms``. Returns each topic's
-    partition count."""
+    """Create missing delay topics (and the dead-letter and released-ids topics); refuse an
+    existing delay topic whose retention is shorter than ``required_retention_ms``.
+    Returns each topic's partition count."""
     rep = settings.republisher
     admin = await open_admin(settings, clients)
     try:
         wanted = {topic: bucket for bucket, topic in topics.items()}
-        dlq = rep.dead_letter_topic
-        names = list(wanted) + ([dlq] if with_dead_letter else [])
+        dlq, released = rep.dead_letter_topic, settings.released_topic
+        names = list(wanted) + ([dlq, released] if with_dead_letter else [])
         existing = await admin.partition_counts(names)
         replication = rep.replication_factor or min(3, await admin.broker_count())
+        # Delay topics are stamped with the brokers' clock: what the republisher measures
+        # its own clock against.
         new = [TopicSpec(t, rep.partitions, replication,
-                         {"retention.ms": str(created_retention_ms(settings, wanted[t]))})
+                         {"retention.ms": str(created_retention_ms(settings, wanted[t])),
+                          "message.timestamp.type": "LogAppendTime"})
                for t in wanted if t not in existing]
         if with_dead_letter and dlq not in existing:
             new.append(TopicSpec(dlq, 1, replication, {"retention.ms": str(4 * WEEK_MS)}))
+        if with_dead_letter and released not in existing:
+            keep_ms = round(rep.dedupe_window_s * 1000) + 3_600_000
+            new.append(TopicSpec(released, rep.partitions, replication,
+                                 {"retention.ms": str(keep_ms), "cleanup.policy": "delete",
+                                  "segment.ms": str(min(keep_ms, 600_000))}))
         await admin.create_topics(new)
         await _check_retention(admin, settings, wanted)
         counts = await admin.partition_counts(names)

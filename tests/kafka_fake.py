@@ -64,7 +64,13 @@ from aiokafka.errors import (
 )
 from aiokafka.partitioner import murmur2
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
-from aiokafka.structs import ConsumerRecord, OffsetAndMetadata, RecordMetadata, TopicPartition
+from aiokafka.structs import (
+    ConsumerRecord,
+    OffsetAndMetadata,
+    OffsetAndTimestamp,
+    RecordMetadata,
+    TopicPartition,
+)
 from aiokafka.util import commit_structure_validate
 
 if TYPE_CHECKING:
@@ -102,9 +108,11 @@ _LEGAL_TOPIC = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 _MISSING: Any = object()
 
 PRODUCER_METHODS = ("start", "stop", "flush", "send", "begin_transaction",
-                    "commit_transaction", "abort_transaction", "send_offsets_to_transaction")
+                    "commit_transaction", "abort_transaction", "send_offsets_to_transaction",
+                    "partitions_for")
 CONSUMER_METHODS = ("start", "stop", "assign", "assignment", "seek", "pause", "resume",
-                    "paused", "position", "getmany", "beginning_offsets", "end_offsets")
+                    "paused", "position", "getmany", "beginning_offsets", "end_offsets",
+                    "offsets_for_times")
 ADMIN_METHODS = ("start", "close", "broker_count", "partition_counts", "create_topics",
                  "create_partitions", "topic_config", "committed")
 SYNC_METHODS = frozenset(f"consumer.{m}" for m in
@@ -619,6 +627,12 @@ class FakeProducer(_Client):
             future.set_result(metadata)
         return future
 
+    async def partitions_for(self, topic: str) -> set[int]:
+        """aiokafka's metadata wait for ``topic`` (creating it with auto-create on)."""
+        await self._enter("partitions_for", topic=topic)
+        self._check_open()
+        return set(range(await self.kafka._wait_for_topic(topic)))
+
     def _choose(self, topic: str, partition: int | None, key: bytes | None,
                 count: int) -> int:
         everything = list(range(count))
@@ -649,6 +663,8 @@ class FakeProducer(_Client):
         if size > limit:
             raise MessageSizeTooLargeError()
         stamp = timestamp_ms if timestamp_ms is not None else int(time.time() * 1000)
+        if kafka._configs[tp.topic].get("message.timestamp.type") == "LogAppendTime":
+            stamp = int(time.time() * 1000)  # the broker's clock, not the producer's
         entry = kafka._append(tp, LogEntry(-1, stamp, key, value, headers, txn))
         if self.acks == 0:
             return None
@@ -848,6 +864,21 @@ class FakeConsumer(_Client):
         await self._enter("end_offsets", partitions=partitions)
         self._known(partitions)
         return {tp: self.kafka._end_offset(tp, self.isolation_level) for tp in partitions}
+
+    async def offsets_for_times(self, timestamps: dict[TopicPartition, int]
+                                ) -> dict[TopicPartition, OffsetAndTimestamp | None]:
+        """Per partition, the first visible record stamped at or after the time given, or
+        None when there is none (as aiokafka)."""
+        await self._enter("offsets_for_times", timestamps=timestamps)
+        self._known(timestamps)
+        out: dict[TopicPartition, OffsetAndTimestamp | None] = {}
+        for tp, when in timestamps.items():
+            found = next((e for e in self.kafka.log(tp.topic, tp.partition)
+                          if e.marker is None and e.visible(self.isolation_level)
+                          and e.timestamp >= when), None)
+            out[tp] = None if found is None else OffsetAndTimestamp(found.offset,
+                                                                    found.timestamp)
+        return out
 
     def _known(self, partitions: Iterable[TopicPartition]) -> None:
         for tp in partitions:

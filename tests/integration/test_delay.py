@@ -341,3 +341,94 @@ async def test_cli_republisher_run_and_status(settings_factory: Any,
         out, err = runner.communicate(timeout=60)
     assert runner.returncode == 0, err[-2000:]
     assert "republishing" in out
+
+
+async def test_a_publish_retried_by_ray_or_by_its_caller_is_delivered_once(
+        settings_factory: Any, delay_topics: dict[float, str], kafka_bootstrap: str,
+        topic: str) -> None:
+    from athomic.actors.topology import producer_actor_name
+
+    settings = settings_factory(delay_topics=delay_topics)
+    handle = ProducerFactory.create(settings)
+    actor = ray.get_actor(producer_actor_name(settings.connection_name, "normal", 0),
+                          namespace=NAMESPACE)
+    # Ray retries a call whose actor died: the same request, sent twice
+    request = handle._request({"n": 1}, topic, "k1", None, 1.5)
+    assert ray.get([actor.publish.remote(request), actor.publish.remote(request)]) == \
+        [PublishingOutcome.SUCCESS_DELAYED] * 2
+    # ... or after the due time: it goes to the release bucket, once more
+    await asyncio.sleep(2.5)
+    assert ray.get(actor.publish.remote(request)) is PublishingOutcome.SUCCESS_DELAYED
+    # a caller retries with the id it chose, before and after the first one is due
+    for _ in range(2):
+        ray.get(handle.publish.remote(topic=topic, message={"n": 2}, key="k2",
+                                      delay_seconds=1.5, message_id="order-42-reminder"))
+    received = await read_timed(kafka_bootstrap, topic, 2, timeout=30, extra_wait=3.0)
+    assert sorted(h(r)["message-id"] for r, _ in received) == sorted(
+        [request.message_id.encode(), b"order-42-reminder"])
+    assert_never_early(received)
+    stats = [ray.get(bucket_actor(settings, t).stats.remote())
+             for t in delay_topics.values()]
+    assert sum(s["republished"]["duplicate"] for s in stats) >= 3
+
+
+@pytest.mark.timeout(300)
+async def test_replicas_2_3_1_during_traffic_on_the_real_broker(
+        settings_factory: Any, kafka_bootstrap: str, topic: str) -> None:
+    """The layout changes while messages flow: each owner of a partition fences the one
+    before; a read_committed consumer gets every message once."""
+    tag = uuid.uuid4().hex[:8]
+    delay_topics = {1: f"delay.{tag}.1s"}
+    settings = settings_factory(delay_topics=delay_topics,
+                                republisher={"enabled": False, "partitions": 6,
+                                             "partition_refresh_s": 1.0})
+    await create_topics(kafka_bootstrap, topic, partitions=3)
+    handle = ProducerFactory.create(settings)
+    sent = 0
+
+    async def traffic(seconds: float) -> None:
+        nonlocal sent
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            items = [{"message": {"i": sent + i}, "key": f"k{i % 17}",
+                      "delay_seconds": 0.3 + (i % 5) * 0.2} for i in range(40)]
+            ray.get(handle.publish_batch.remote(items, topic=topic))
+            sent += 40
+            await asyncio.sleep(0.2)
+
+    def layout(replicas: int, generation: int) -> list[DelayBucketActor]:
+        return [DelayBucketActor(settings, delay_topics[1], r, replicas,
+                                 generation=generation, autostart=False)
+                for r in range(replicas)]
+
+    async def start(workers: list[DelayBucketActor]) -> list[asyncio.Task[None]]:
+        tasks = [asyncio.create_task(w.run_forever()) for w in workers]
+        for w in workers:
+            await w.ready(60)
+        return tasks
+
+    async def stop(workers: list[DelayBucketActor], tasks: list[asyncio.Task[None]]
+                   ) -> None:
+        for w in workers:
+            w.republisher.stop()
+        await asyncio.gather(*tasks)
+
+    two = layout(2, 1)
+    two_tasks = await start(two)
+    await traffic(3)
+    three = layout(3, 2)
+    three_tasks = await start(three)
+    await traffic(3)
+    await stop(two, two_tasks)
+    await traffic(2)
+    one = layout(1, 3)
+    one_tasks = await start(one)
+    await traffic(3)
+    await stop(three, three_tasks)
+    await traffic(2)
+    received = await read_timed(kafka_bootstrap, topic, sent, timeout=90, extra_wait=3.0)
+    await stop(one, one_tasks)
+    ids = [h(r)["message-id"] for r, _ in received]
+    assert len(set(ids)) == sent, "lost messages"
+    assert len(ids) == sent, "duplicates for a read_committed consumer"
+    assert_never_early(received)

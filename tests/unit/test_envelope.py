@@ -9,10 +9,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from athomic import MalformedEnvelopeError, MessagePriority
-from athomic.envelope import Envelope, EnvelopeKeys, decode, encode
+from athomic.envelope import (
+    MAX_HOPS,
+    Envelope,
+    EnvelopeKeys,
+    decode,
+    derive_envelope_key,
+    encode,
+    envelope_keys,
+)
 from athomic.messages import new_message_id
 
-KEYS = EnvelopeKeys("k1", {"k1": os.urandom(32), "k0": os.urandom(32)})
+KEYS = envelope_keys({"k1": os.urandom(32), "k0": os.urandom(32)}, "k1")
 
 
 def sample(**kw: object) -> Envelope:
@@ -29,11 +37,14 @@ def sample(**kw: object) -> Envelope:
 @given(st.binary(max_size=300) | st.none(), st.binary(max_size=40) | st.none(),
        st.lists(st.tuples(st.text(min_size=1, max_size=20), st.binary(max_size=50)),
                 max_size=10),
-       st.sampled_from(list(MessagePriority)), st.integers(1, 255))
+       st.sampled_from(list(MessagePriority)), st.integers(1, MAX_HOPS),
+       st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1,
+               max_size=128), st.binary(min_size=16, max_size=16), st.booleans())
 def test_round_trip(value: bytes | None, key: bytes | None,
                     headers: list[tuple[str, bytes]], prio: MessagePriority,
-                    hop: int) -> None:
-    env = sample(value=value, key=key, headers=tuple(headers), priority=prio, hop=hop)
+                    hop: int, message_id: str, version: bytes, caller_id: bool) -> None:
+    env = sample(value=value, key=key, headers=tuple(headers), priority=prio, hop=hop,
+                 message_id=message_id, version=version, caller_id=caller_id)
     assert decode(encode(env)) == env
     assert decode(encode(env, KEYS), KEYS) == env
 
@@ -69,12 +80,63 @@ def test_authenticated_envelopes_refuse_tampering_and_wrong_keys() -> None:
         flipped[i] ^= 0x01
         with pytest.raises(MalformedEnvelopeError):
             decode(bytes(flipped), KEYS)
-    with pytest.raises(MalformedEnvelopeError, match="no key ring"):
-        decode(bytes(data))
     with pytest.raises(MalformedEnvelopeError, match="not authenticated"):
         decode(encode(sample()), KEYS)
-    other = EnvelopeKeys("k1", {"k1": os.urandom(32)})
+    other = envelope_keys({"k1": os.urandom(32)}, "k1")
     with pytest.raises(MalformedEnvelopeError):
         decode(bytes(data), other)
     rotated = EnvelopeKeys("k2", {"k2": os.urandom(32), **KEYS.keys})
     assert decode(bytes(data), rotated) == decode(bytes(data), KEYS)  # old id verifies
+
+
+def test_envelope_keys_are_derived_never_the_payload_key() -> None:
+    raw = os.urandom(32)
+    keys = envelope_keys({"k1": raw}, "k1")
+    assert keys.keys["k1"] != raw and keys.keys["k1"] == derive_envelope_key(raw)
+    assert len(keys.keys["k1"]) == 32
+
+
+def test_migration_both_ways() -> None:
+    """Turning authentication on: envelopes written before (unauthenticated) are accepted
+    only when told so. Turning it off: a setup without keys verifies nothing, so the
+    authenticated envelopes still waiting are read."""
+    plain = encode(sample())
+    assert decode(plain, KEYS, accept_unauthenticated=True).topic == "orders.v1"
+    signed = encode(sample(), KEYS)
+    assert decode(signed).topic == "orders.v1"
+
+
+def test_hop_and_message_id_bounds() -> None:
+    with pytest.raises(MalformedEnvelopeError, match="hop"):
+        encode(sample(hop=MAX_HOPS + 1))
+    with pytest.raises(MalformedEnvelopeError, match="message id"):
+        encode(sample(message_id="x" * 129))
+    assert decode(encode(sample(hop=MAX_HOPS))).hop == MAX_HOPS
+
+
+def test_version_1_envelopes_written_before_an_upgrade_still_decode() -> None:
+    """Layout of version 1: 16-byte UUID message id, 1-byte hop, AES-GCM tag under the
+    payload key itself."""
+    import struct
+    import uuid
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    mid = new_message_id()
+    raw_key = KEYS.legacy["k1"]
+    body = struct.pack(">4sBBBBQQQ16s", b"ATHD", 1, 4, 2, 3, 5000, 4000, 1000,
+                       uuid.UUID(mid).bytes)
+    body += struct.pack(">H", 6) + b"orders" + struct.pack(">I", 1) + b"k"
+    body += struct.pack(">H", 1) + struct.pack(">H", 1) + b"h" + struct.pack(">I", 1) + b"v"
+    body += struct.pack(">I", 3) + b"abc"
+    nonce = os.urandom(12)
+    tag = AESGCM(raw_key).encrypt(nonce, b"", b"athomic-envelope-v1" + body)
+    data = body + bytes([2]) + b"k1" + nonce + tag
+    env = decode(data, KEYS)
+    assert (env.message_id, env.hop, env.topic, env.key, env.value, env.priority) == (
+        mid, 3, "orders", b"k", b"abc", MessagePriority.HIGH)
+    assert env.headers == (("h", b"v"),)
+    tampered = bytearray(data)
+    tampered[15] ^= 1
+    with pytest.raises(MalformedEnvelopeError):
+        decode(bytes(tampered), KEYS)

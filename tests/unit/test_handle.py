@@ -19,6 +19,7 @@ from athomic import (
     BackpressureTimeoutError,
     InvalidDelayError,
     InvalidHeaderError,
+    InvalidTopicError,
     MessagePriority,
     MessagingSettings,
     PublishError,
@@ -249,3 +250,45 @@ def test_merged_lanes_report_failures_and_outcomes_by_the_callers_index() -> Non
     with pytest.raises(RecordTooLargeError, match="message #4"):
         merge_lane_results(order, [RecordTooLargeError("big", size=9, limit=1, index=2),
                                    RecordTooLargeError("big", size=9, limit=1)])
+
+
+def test_caller_chosen_message_ids_are_validated_and_kept() -> None:
+    handle, lanes = make(delay_topics={1: "d1"})
+    handle.publish.remote(topic="t", message=1, message_id="order-42-reminder",
+                          delay_seconds=5)
+    handle.publish.remote(topic="t", message=1, message_id="order-42-reminder",
+                          delay_seconds=5)
+    first, second = [req for a in lanes["normal"] for req, _ in a.calls]
+    assert first.message_id == second.message_id == "order-42-reminder"
+    assert first.version and second.version and first.version != second.version
+    for bad in ["", "x" * 129, "tab\there", "ünïcode", 42]:
+        with pytest.raises(InvalidHeaderError, match="message_id"):
+            handle.publish.remote(topic="t", message=1, message_id=bad)
+    handle.publish_batch.remote([{"topic": "t", "message": 1, "message_id": "a-1"},
+                                 {"topic": "t", "message": 2}])
+    (batch,) = [req for a in lanes["normal"] for req, _ in a.calls if isinstance(req, list)]
+    assert batch[0].message_id == "a-1" and batch[0].version is not None
+    assert batch[1].version is None and batch[1].message_id != "a-1"
+
+
+def test_athomics_own_topics_are_not_final_topics() -> None:
+    handle, lanes = make(delay_topics={1: "d1"}, republisher={"dead_letter_topic": "dead"})
+    for own in ["d1", "dead", "athomic.released.default"]:
+        with pytest.raises(InvalidTopicError, match="athomic's own"):
+            handle.publish.remote(topic=own, message=1)
+    assert not any(a.calls for group in lanes.values() for a in group)
+
+
+def test_implausible_and_uncarriable_delays_are_refused_at_the_call() -> None:
+    handle, _ = make(delay_topics={1: "d1", 10: "d10", 60: "d60"})
+    now = time.time()
+    with pytest.raises(InvalidDelayError, match="not milliseconds"):
+        handle.publish.remote(topic="t", message=1, deliver_at=now * 1000)  # a unit slip
+    with pytest.raises(InvalidDelayError, match="not plausible"):
+        handle.publish.remote(topic="t", message=1, deliver_at=1e17)
+    with pytest.raises(InvalidDelayError):
+        handle.publish.remote(topic="t", message=1, delay_seconds=1e300)
+    handle.publish.remote(topic="t", message=1, delay_seconds=5 * 3600)  # 300 hops: fine
+    tiny, _ = make(delay_topics={1: "d1"})
+    with pytest.raises(InvalidDelayError, match="65535"):
+        tiny.publish.remote(topic="t", message=1, delay_seconds=70_000)

@@ -459,3 +459,41 @@ def test_tombstones_and_empty_values() -> None:
     assert out[0].value is None and out[0].headers == []
     assert out[1].value is not None and len(out[1].value) == 28  # nonce + tag
     assert decode_message(None, [], s) is None
+
+
+# --- hostile records at the consumer ---------------------------------------------------------
+def test_an_encrypting_consumer_refuses_plaintext_unless_migrating() -> None:
+    """Downgrade: someone who can write to the topic but has no key writes plaintext with
+    no content-encoding; a consumer whose settings encrypt must not take it."""
+    forged = Record("payments", b"u1", b'{"amount": 1000000}',
+                    [("content-type", b"application/json")])
+    with pytest.raises(DecryptionError, match="not encrypted"):
+        decode_message(forged.value, forged.headers, make(COMPRESS, ENCRYPT))
+    with pytest.raises(DecryptionError, match="not encrypted"):
+        decode_record(forged, make(COMPRESS, ENCRYPT))
+    migrating = make(COMPRESS, {**ENCRYPT, "allow_plaintext": True})
+    assert decode_record(forged, migrating) == {"amount": 1000000}
+    real = publish(make(COMPRESS, ENCRYPT), {"amount": 1})
+    assert decode_record(real, migrating) == {"amount": 1}  # encrypted ones still decrypt
+
+
+def test_coding_chains_are_bounded_and_parsed_headers_are_not_kept() -> None:
+    from athomic.pipeline import compose
+
+    inner = zstandard.ZstdCompressor().compress(b"x" * 1000)
+    outer = zstandard.ZstdCompressor().compress(inner)
+    with pytest.raises(PipelineError, match="twice"):
+        decode_message(outer, [("content-encoding", b"zstd, zstd")], make())
+    many = ", ".join(f"c{i}" for i in range(9)).encode()
+    with pytest.raises(PipelineError, match="more than 8"):
+        decode_message(b"x", [("content-encoding", many)], make())
+    body = ",".join(f"c{j}" for j in range(60000)).encode()
+    tracemalloc.start()
+    for i in range(256):  # 0.4 MB headers an attacker writes
+        header = f"{i:03d},".encode() + body
+        with pytest.raises(PipelineError):
+            decode_message(b"x", [("content-encoding", header)], make())
+    current, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert current < 2 * 2**20
+    assert len(compose._codings_cache) <= 64

@@ -1,4 +1,5 @@
-"""The republisher's commit plan, without a broker: what a transaction commits."""
+"""The republisher's commit plan, without a broker: what a transaction commits, and how it
+stays within Kafka's commit-metadata limit when many messages leave out of offset order."""
 
 from __future__ import annotations
 
@@ -6,43 +7,76 @@ import random
 
 from aiokafka import TopicPartition
 
-from athomic import MessagingSettings
-from athomic.republisher.loop import CASCADE, BucketRepublisher, Held
-from athomic.republisher.schedule import MAX_METADATA, OffsetTracker, decode_done
+from athomic import MessagePriority, MessagingSettings
+from athomic.envelope import Envelope
+from athomic.republisher.loop import CASCADE, FINAL, OWNED, BucketRepublisher, Held, Partition
+from athomic.republisher.schedule import MAX_METADATA, OffsetTracker, Owner, decode_commit
 
 TP = TopicPartition("d1", 0)
+ENV = Envelope(topic="final", key=b"k", value=b"v", headers=(), deliver_at_ms=10**13,
+               hold_until_ms=10**13, published_ms=0, hop=1,
+               priority=MessagePriority.NORMAL, message_id="m")
 
 
-def republisher() -> BucketRepublisher:
-    return BucketRepublisher(MessagingSettings(delay_topics={1: "d1"}), "d1")
+def republisher() -> tuple[BucketRepublisher, Partition, OffsetTracker]:
+    rep = BucketRepublisher(MessagingSettings(delay_topics={1: "d1"},
+                                              connection_name="orders"), "d1")
+    part = Partition(TP, 0)
+    part.state = OWNED
+    part.tracker = tracker = OffsetTracker(position=0)
+    rep.parts[TP] = part
+    return rep, part, tracker
 
 
-def held(offset: int) -> Held:
-    return Held(TP, offset, 0, CASCADE, None)
+def held(offset: int, action: str = CASCADE) -> Held:
+    return Held(offset, 0, action, ENV)
 
 
-def test_commit_point_of_a_transaction() -> None:
-    rep = republisher()
-    rep.trackers[TP] = tracker = OffsetTracker(position=0)
+def test_commit_point_of_a_transaction_names_done_offsets_and_the_owner() -> None:
+    rep, part, tracker = republisher()
     for o in range(6):
         tracker.read(o)
-    due, deferred, offsets = rep._plan_commit([held(3), held(1)])
-    assert [h.offset for h in due] == [3, 1] and deferred == []
+    offsets, spilled, deferred = rep._plan_commit(part, [held(3), held(1)], [])
+    assert spilled == deferred == []
     assert offsets[TP].offset == 0  # 0 is still pending
-    assert decode_done(0, offsets[TP].metadata) == {1, 3}
+    done, owner = decode_commit(0, offsets[TP].metadata)
+    assert done == {1, 3}
+    parsed = Owner.parse(owner)
+    assert parsed is not None and parsed.connection == "orders"
 
 
-def test_metadata_that_would_not_fit_defers_the_highest_offsets() -> None:
-    rep = republisher()
-    rep.trackers[TP] = tracker = OffsetTracker(position=0)
+def test_overflowing_metadata_moves_the_lowest_waiting_messages_to_the_end() -> None:
+    """Random holes in 100,000 offsets do not fit in 3.5 KB: instead of holding back due
+    messages, the lowest messages still waiting are written again at the end of the
+    partition (one extra hop), so the committed offset moves on."""
+    rep, part, tracker = republisher()
     rnd = random.Random(5)
-    # offset 0 held back; a random (incompressible) half of 100,000 offsets above it due
     for o in range(100_000):
         tracker.read(o)
-    chosen = sorted(rnd.sample(range(1, 100_000), 50_000))
-    due, deferred, offsets = rep._plan_commit([held(o) for o in chosen])
-    assert deferred and due
-    assert max(h.offset for h in due) < min(h.offset for h in deferred)
-    assert len(due) + len(deferred) == len(chosen)
+    due = set(rnd.sample(range(1, 100_000), 50_000))
+    for o in sorted(set(range(100_000)) - due):  # the rest waits, offset 0 among them
+        part.heap.push(10**13, held(o, FINAL))
+    rep.held = len(part.heap)
+    offsets, spilled, deferred = rep._plan_commit(part, [held(o) for o in sorted(due)], [])
+    assert deferred == [] and spilled
+    waiting = sorted(set(range(100_000)) - due)
+    assert [h.offset for h in spilled] == waiting[:len(spilled)]  # the lowest ones
+    assert all(h.spill for h in spilled) and len(part.heap) == len(waiting) - len(spilled)
     assert len(offsets[TP].metadata) <= MAX_METADATA
-    assert decode_done(0, offsets[TP].metadata) == {h.offset for h in due}
+    mark = offsets[TP].offset
+    assert decode_commit(mark, offsets[TP].metadata)[0] == {
+        o for o in due | {h.offset for h in spilled} if o > mark}
+
+
+def test_with_nothing_waiting_the_highest_due_offsets_wait_for_the_next_commit() -> None:
+    rep, part, tracker = republisher()
+    rnd = random.Random(5)
+    for o in range(100_000):
+        tracker.read(o)
+    chosen = sorted(rnd.sample(range(1, 100_000), 50_000))  # offset 0 is in flight
+    offsets, spilled, deferred = rep._plan_commit(part, [held(o) for o in chosen], [])
+    assert deferred and not spilled
+    kept = sorted(set(chosen) - {h.offset for h in deferred})
+    assert max(kept) < min(h.offset for h in deferred)
+    assert len(offsets[TP].metadata) <= MAX_METADATA
+    assert decode_commit(0, offsets[TP].metadata)[0] == set(kept)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from athomic import DirectPublishStrategy, MessageHeaders, MessagePriority, MessagingSettings
 from athomic.messages import PublishRequest
 from athomic.pipeline import Encoded
-from athomic.strategies import physical_topic
+from athomic.strategies import DelayedPublishStrategy, physical_topic
 
 
 def request(priority: MessagePriority = MessagePriority.NORMAL) -> PublishRequest:
@@ -38,12 +38,12 @@ def test_direct_record_owns_id_priority_and_pipeline_headers() -> None:
 
 def test_delayed_record_is_an_envelope_in_the_right_bucket() -> None:
     from athomic.envelope import decode
-    from athomic.strategies import DelayedPublishStrategy
 
     settings = MessagingSettings(delay_topics={1: "d1", 10: "d10", 60: "d60"})
     mid = "01890a5d-ac96-774b-bcce-b302099a8057"
     req = request()._replace(published_at=1000.0, deliver_at=1000.0 + 25.5, message_id=mid)
-    record = DelayedPublishStrategy(settings).build(req, Encoded(b"zz", []), req.topic)
+    record = DelayedPublishStrategy(settings).build(req, Encoded(b"zz", []), req.topic,
+                                                    now=1000.0)
     assert record.topic == "d10" and record.key == b"k"
     env = decode(record.value or b"")
     assert (env.topic, env.key, env.value, env.hop) == ("orders", b"k", b"zz", 1)
@@ -53,15 +53,29 @@ def test_delayed_record_is_an_envelope_in_the_right_bucket() -> None:
     assert MessageHeaders(record.headers)["athomic-deliver-at"] == b"1025500"
 
 
-def test_due_before_reaching_the_producer_goes_direct_saying_when_it_was_due() -> None:
+def test_due_before_reaching_the_producer_goes_to_its_release_bucket() -> None:
+    """A delayed message already due at the producer (a backlog, a call Ray retried) is
+    not sent directly: it waits, due at once, in the bucket its planned path ends in, where
+    every copy of it is released by one republisher."""
     from athomic.actors.producer import ProducerActor
+    from athomic.envelope import decode
 
-    actor = ProducerActor(MessagingSettings(delay_topics={1: "d1"}))
-    late = request()._replace(deliver_at=999.0)
-    assert actor.strategy_for(late, now=1000.0) is actor.direct
-    assert actor.strategy_for(late, now=998.0) is actor.delayed
-    record = actor.direct.build(late, Encoded(b"{}", []), late.topic)
+    settings = MessagingSettings(delay_topics={1: "d1", 10: "d10", 60: "d60"})
+    actor = ProducerActor(settings)
+    late = request()._replace(published_at=900.0, deliver_at=999.0)
+    assert actor.strategy_for(late, now=1000.0) is actor.delayed
+    assert actor.strategy_for(request(), now=1000.0) is actor.direct
+    on_time = DelayedPublishStrategy(settings).build(late, Encoded(b"{}", []), "orders",
+                                                     now=900.0)
+    assert on_time.topic == "d60"  # 99 s: first the 60 s bucket
+    record = DelayedPublishStrategy(settings).build(late, Encoded(b"{}", []), "orders",
+                                                    now=1000.0)
+    assert record.topic == "d1"  # the path 60 + 10 + 10 + 10 + 1 ... ends in the 1 s bucket
+    env = decode(record.value or b"")
+    assert env.hold_until_ms == 1_000_000 and env.deliver_at_ms == 999_000
     assert MessageHeaders(record.headers)["athomic-deliver-at"] == b"999000"
+    direct = actor.direct.build(late, Encoded(b"{}", []), late.topic)
+    assert MessageHeaders(direct.headers)["athomic-deliver-at"] == b"999000"
     spoof = request()._replace(headers=[("athomic-hop", b"7"), ("athomic-deliver-at", b"1")])
     assert "athomic-hop" not in MessageHeaders(
         actor.direct.build(spoof, Encoded(b"{}", []), spoof.topic).headers)

@@ -1,0 +1,465 @@
+"""The republisher's promises under faults, on the in-memory Kafka: any accepted delay is
+delivered, exactly once (retries, restarts, layout changes, two connections), never
+stalled by one bad message, every wait bounded, per-key order kept, hostile envelopes
+dead-lettered. The same paths run end to end against the real broker in
+tests/integration/test_delay.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from aiokafka.errors import KafkaTimeoutError, NotEnoughReplicasError
+from kafka_fake import FakeKafka, ManualClock
+
+from athomic import MessagePriority, MessagingSettings
+from athomic.envelope import Envelope, decode, encode, envelope_keys
+from athomic.messages import PublishRequest, new_message_id
+from athomic.pipeline import Encoded
+from athomic.republisher.loop import OWNED, RELEASED, BucketRepublisher
+from athomic.strategies import DelayedPublishStrategy, delay_headers
+from athomic.strategies import envelope_keys as keys_of
+
+BUCKETS = {1: "d.1s", 10: "d.10s", 60: "d.1m"}
+FAST = {"partitions": 1, "linger_ms": 0, "near_window_s": 0.5, "partition_refresh_s": 0.3,
+        "ack_timeout_s": 1.0, "transaction_timeout_ms": 2000, "retry_backoff_max_s": 0.2,
+        "dead_letter_topic": "dlq"}
+
+
+def settings(**overrides: Any) -> MessagingSettings:
+    rep = {**FAST, **overrides.pop("republisher", {})}
+    return MessagingSettings(delay_topics=overrides.pop("delay_topics", BUCKETS),
+                             republisher=rep, **overrides)
+
+
+@pytest.fixture
+def kafka() -> FakeKafka:
+    fake = FakeKafka()
+    fake.create_topic("final", 1)
+    return fake
+
+
+@contextlib.asynccontextmanager
+async def running(s: MessagingSettings, kafka: FakeKafka, topic: str, replica: int = 0,
+                  replicas: int = 1, generation: int = 0) -> AsyncIterator[BucketRepublisher]:
+    rep = BucketRepublisher(s, topic, replica, replicas, generation=generation,
+                            clients=kafka)
+    await rep.start()
+    task = asyncio.create_task(rep.run())
+    try:
+        yield rep
+    finally:
+        rep.stop()
+        await task
+        await rep.close()
+
+
+@contextlib.asynccontextmanager
+async def all_buckets(s: MessagingSettings, kafka: FakeKafka, replicas: int = 1,
+                      generation: int = 0) -> AsyncIterator[list[BucketRepublisher]]:
+    async with contextlib.AsyncExitStack() as stack:
+        reps = [await stack.enter_async_context(running(s, kafka, t, r, replicas, generation))
+                for t in s.delay_topics.values() for r in range(replicas)]
+        yield reps
+
+
+def request(topic: str = "final", delay_s: float = 0.3, *, key: bytes | None = b"k",
+            value: bytes = b"v", message_id: str | None = None,
+            published: float | None = None, priority: MessagePriority = MessagePriority.NORMAL
+            ) -> PublishRequest:
+    published = time.time() if published is None else published
+    return PublishRequest(topic, value, key, [], "application/octet-stream", None, priority,
+                          published + delay_s, message_id or new_message_id(), published,
+                          uuid.uuid4().bytes if message_id else None)
+
+
+async def publish(kafka: FakeKafka, s: MessagingSettings, req: PublishRequest, *,
+                  copies: int = 1, now: float | None = None) -> str:
+    """What a ProducerActor writes for a delayed request (``copies`` times, as a retried
+    call would); returns the delay topic."""
+    record = DelayedPublishStrategy(s, keys_of(s)).build(req, Encoded(req.value, []),
+                                                         req.topic, now=now)
+    await write(kafka, record.topic, record.value, record.key, record.headers, copies)
+    return record.topic
+
+
+async def write(kafka: FakeKafka, topic: str, value: bytes | None, key: bytes | None = None,
+                headers: list[tuple[str, bytes]] | None = None, copies: int = 1,
+                partition: int | None = None) -> None:
+    if topic not in kafka.topics():
+        kafka.create_topic(topic, 1)
+    producer = kafka.producer()
+    await producer.start()
+    try:
+        for _ in range(copies):
+            await (await producer.send(topic, value, key=key, headers=headers or [],
+                                       partition=partition))
+    finally:
+        await producer.stop()
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+def delivered(kafka: FakeKafka, topic: str = "final") -> list[Any]:
+    return kafka.records(topic) if topic in kafka.topics() else []
+
+
+def ids(records: list[Any]) -> list[str]:
+    return [dict(r.headers)["message-id"].decode() for r in records]
+
+
+def closed(kafka: FakeKafka) -> bool:
+    return kafka.open_clients() == []
+
+
+# --- delivery ------------------------------------------------------------------------------
+async def test_mixed_delays_delivered_once_never_early(kafka: FakeKafka) -> None:
+    s = settings()
+    reqs = [request(delay_s=0.1 + (i % 7) * 0.25, key=f"k{i % 3}".encode()) for i in range(40)]
+    async with all_buckets(s, kafka):
+        for r in reqs:
+            await publish(kafka, s, r)
+        await until(lambda: len(delivered(kafka)) >= 40)
+        await asyncio.sleep(0.3)
+    records = delivered(kafka)
+    assert sorted(ids(records)) == sorted(r.message_id for r in reqs)
+    for record in records:
+        assert record.timestamp >= int(dict(record.headers)["athomic-deliver-at"])
+    assert closed(kafka)
+
+
+async def test_a_hop_past_255_cascades_on_and_the_partition_moves_on(kafka: FakeKafka
+                                                                      ) -> None:
+    """A 5 h delay over {1, 10, 60} s takes 300 hops; version-1 envelopes stopped at 255 and
+    the republisher crash-looped on the message forever."""
+    s = settings()
+    now = int(time.time() * 1000)
+    far = Envelope(topic="final", key=b"k", value=b"far", headers=(),
+                   deliver_at_ms=now + 3_600_000, hold_until_ms=now, published_ms=now,
+                   hop=255, priority=MessagePriority.NORMAL, message_id=new_message_id())
+    await write(kafka, "d.1m", encode(far), b"k", delay_headers(far))
+    after = request(delay_s=0.2, key=b"k", value=b"after")
+    topic = await publish(kafka, s, after)
+    async with running(s, kafka, "d.1m"), running(s, kafka, topic):
+        await until(lambda: len(delivered(kafka)) == 1)
+        await until(lambda: any(decode(r.value).hop == 256 for r in kafka.records("d.1m")))
+    assert [r.value for r in delivered(kafka)] == [b"after"]
+
+
+# --- exactly once --------------------------------------------------------------------------
+async def test_a_retried_publish_is_delivered_once(kafka: FakeKafka) -> None:
+    s = settings()
+    twice = request(delay_s=0.3)
+    await publish(kafka, s, twice, copies=2)  # a call Ray retried after the actor died
+    late = request(delay_s=0.3)
+    await publish(kafka, s, late)
+    async with all_buckets(s, kafka) as reps:
+        await until(lambda: len(delivered(kafka)) >= 2)
+        await asyncio.sleep(0.5)
+        # the retry of ``late`` reached the producer after its due time: it goes straight
+        # to the partition that released the first copy, which releases an id once
+        await publish(kafka, s, late, now=time.time() + 1)
+        await until(lambda: sum(r.counts["duplicate"] for r in reps) >= 2)
+    assert sorted(ids(delivered(kafka))) == sorted([twice.message_id, late.message_id])
+
+
+async def test_a_restarted_republisher_still_knows_what_it_released(kafka: FakeKafka) -> None:
+    s = settings()
+    req = request(delay_s=0.2)
+    topic = await publish(kafka, s, req)
+    async with running(s, kafka, topic):
+        await until(lambda: len(delivered(kafka)) == 1)
+    await publish(kafka, s, req, now=time.time() + 5)  # a copy, after the restart
+    async with running(s, kafka, topic) as rep:
+        await until(lambda: rep.counts["duplicate"] == 1)
+    assert ids(delivered(kafka)) == [req.message_id]
+
+
+async def test_layout_changes_2_3_1_during_traffic_deliver_each_message_once() -> None:
+    kafka = FakeKafka()
+    kafka.create_topic("final", 3)
+    s = settings(delay_topics={1: "d.1s"}, republisher={"partitions": 6})
+    sent: list[str] = []
+
+    async def traffic(waves: int) -> None:
+        for _ in range(waves):
+            for i in range(20):
+                r = request(delay_s=0.05 + (i % 5) * 0.1, key=f"key-{i}".encode())
+                await publish(kafka, s, r)
+                sent.append(r.message_id)
+            await asyncio.sleep(0.05)
+
+    async with contextlib.AsyncExitStack() as two:
+        old = [await two.enter_async_context(running(s, kafka, "d.1s", r, 2, generation=1))
+               for r in range(2)]
+        await traffic(4)
+        async with contextlib.AsyncExitStack() as three:
+            new = [await three.enter_async_context(
+                running(s, kafka, "d.1s", r, 3, generation=2)) for r in range(3)]
+            await traffic(4)
+            await until(lambda: all(p.state == RELEASED for rep in old
+                                    for p in rep.parts.values()
+                                    if any(q.tp == p.tp and q.state == OWNED
+                                           for n in new for q in n.parts.values())))
+            await two.aclose()  # the old layout goes
+            await traffic(4)
+            async with running(s, kafka, "d.1s", 0, 1, generation=3) as one:
+                await traffic(4)
+                await three.aclose()
+                await traffic(4)
+                await until(lambda: len(delivered(kafka)) >= len(sent), timeout=20)
+                await asyncio.sleep(0.5)
+                assert sorted(p.tp.partition for p in one.parts.values()
+                              if p.state == OWNED) == list(range(6))
+    assert sorted(ids(delivered(kafka))) == sorted(sent)  # none lost, none twice
+    assert closed(kafka)
+
+
+async def test_a_second_connection_on_the_same_delay_topics_is_refused(kafka: FakeKafka
+                                                                       ) -> None:
+    a = settings(connection_name="a")
+    b = settings(connection_name="b")
+    first = request(delay_s=0.2)
+    topic = await publish(kafka, a, first)
+    async with running(a, kafka, topic):
+        await until(lambda: len(delivered(kafka)) == 1)
+        async with running(b, kafka, topic) as other:
+            await until(lambda: other.refused() != [])
+            assert "owned by connection 'a'" in other.refused()[0]
+            second = request(delay_s=0.2)
+            await publish(kafka, a, second)
+            await until(lambda: len(delivered(kafka)) == 2)
+            await asyncio.sleep(0.3)
+    assert sorted(ids(delivered(kafka))) == sorted([first.message_id, second.message_id])
+
+
+async def test_partitions_added_to_a_delay_topic_are_picked_up(kafka: FakeKafka) -> None:
+    s = settings()
+    async with running(s, kafka, "d.1s") as rep:
+        admin = kafka.admin()
+        await admin.start()
+        await admin.create_partitions("d.1s", 3)
+        await admin.close()
+        req = request(delay_s=0.2)
+        record = DelayedPublishStrategy(s).build(req, Encoded(b"v", []), "final")
+        await write(kafka, "d.1s", record.value, record.key, record.headers, partition=2)
+        await until(lambda: len(delivered(kafka)) == 1)
+        assert sorted(p.partition for p in rep.parts) == [0, 1, 2]
+
+
+# --- failures: never stalled, transient retried, permanent dead-lettered --------------------
+async def test_a_missing_final_topic_neither_stalls_the_partition_nor_retries_forever(
+        kafka: FakeKafka) -> None:
+    s = settings(republisher={"max_attempts": 3})
+    lost = request("nowhere", delay_s=0.1, key=b"a")
+    fine = request(delay_s=0.15, key=b"b")
+    topic = await publish(kafka, s, lost)
+    await publish(kafka, s, fine)
+    start = time.monotonic()
+    async with running(s, kafka, topic):
+        await until(lambda: len(delivered(kafka)) == 1)
+        assert time.monotonic() - start < 3  # not behind the missing topic's waits
+        await until(lambda: len(delivered(kafka, "dlq")) == 1)
+    (dead,) = delivered(kafka, "dlq")
+    assert b"'nowhere' does not exist" in dict(dead.headers)["athomic-error"]
+    assert decode(dead.value).message_id == lost.message_id
+
+
+async def test_transient_errors_retry_and_never_dead_letter(kafka: FakeKafka) -> None:
+    s = settings()
+    async with running(s, kafka, "d.1s") as rep:
+        await until(rep.ready)
+        kafka.faults.add("producer.commit_transaction", raises=KafkaTimeoutError(), times=5)
+        await publish(kafka, s, request(delay_s=0.1))
+        await until(lambda: len(delivered(kafka)) == 1)
+        assert rep.counts["aborted"] >= 5
+    assert delivered(kafka, "dlq") == []
+
+
+async def test_transient_errors_beyond_the_retry_window_dead_letter(kafka: FakeKafka) -> None:
+    s = settings(republisher={"retry_window_s": 0.5})
+    kafka.faults.add("producer.send", future_raises=NotEnoughReplicasError(),
+                     when=lambda **call: call["topic"] == "final")
+    req = request(delay_s=0.1)
+    topic = await publish(kafka, s, req)
+    async with running(s, kafka, topic):
+        await until(lambda: len(delivered(kafka, "dlq")) == 1)
+    (dead,) = delivered(kafka, "dlq")
+    assert b"NotEnoughReplicasError" in dict(dead.headers)["athomic-error"]
+
+
+async def test_a_record_too_large_for_its_topic_is_dead_lettered_alone(kafka: FakeKafka
+                                                                        ) -> None:
+    s = settings(republisher={"max_attempts": 2})
+    kafka.create_topic("small", 1, {"max.message.bytes": "100"})
+    big = request("small", delay_s=0.1, value=b"x" * 500, key=b"big")
+    ok = request(delay_s=0.1, key=b"ok")
+    topic = await publish(kafka, s, big)
+    await publish(kafka, s, ok)
+    async with running(s, kafka, topic):
+        await until(lambda: len(delivered(kafka, "dlq")) == 1 and len(delivered(kafka)) == 1)
+    assert b"MessageSizeTooLarge" in dict(delivered(kafka, "dlq")[0].headers)["athomic-error"]
+
+
+async def test_a_commit_that_never_returns_is_bounded_and_delivered_once(kafka: FakeKafka
+                                                                          ) -> None:
+    s = settings()
+    req = request(delay_s=0.1)
+    async with running(s, kafka, "d.1s") as rep:
+        await until(rep.ready)
+        kafka.faults.add("producer.commit_transaction", hang=True, times=1)
+        await publish(kafka, s, req)
+        await until(lambda: len(delivered(kafka)) == 1, timeout=10)
+        await asyncio.sleep(0.3)
+        assert rep.counts["restarted"] >= 1
+    assert ids(delivered(kafka)) == [req.message_id]
+
+
+async def test_a_newer_holder_fences_the_older_which_stands_back() -> None:
+    kafka = FakeKafka()
+    kafka.create_topic("final", 1)
+    s = settings()
+    async with running(s, kafka, "d.1s", generation=1) as old:
+        await until(old.ready)
+        async with running(s, kafka, "d.1s", generation=2) as new:
+            await until(new.ready)
+            reqs = [request(delay_s=0.1, key=f"k{i}".encode()) for i in range(10)]
+            for r in reqs:
+                await publish(kafka, s, r)
+            await until(lambda: len(delivered(kafka)) == 10)
+            await asyncio.sleep(1.0)  # the old one re-checks: a newer layout holds it
+            (part,) = old.parts.values()
+            assert part.state == RELEASED and "newer layout" in part.note
+    assert sorted(ids(delivered(kafka))) == sorted(r.message_id for r in reqs)
+
+
+async def test_its_own_transaction_timing_out_is_not_a_fence() -> None:
+    clock = ManualClock(start=time.monotonic())
+    kafka = FakeKafka(clock=clock)
+    kafka.create_topic("final", 1)
+    s = settings()
+    kafka.faults.add("producer.send_offsets_to_transaction", delay=0.3, times=1,
+                     when=lambda **call: call["offsets"] and clock.advance(5) is None)
+    req = request(delay_s=0.1)
+    topic = await publish(kafka, s, req)
+    async with running(s, kafka, topic) as rep:
+        await until(lambda: len(delivered(kafka)) == 1, timeout=10)
+        await until(lambda: all(p.state == OWNED for p in rep.parts.values()))
+    assert ids(delivered(kafka)) == [req.message_id]
+
+
+async def test_one_key_keeps_its_order_through_aborts_and_a_blocked_message(
+        kafka: FakeKafka) -> None:
+    s = settings(republisher={"max_attempts": 50})
+    # the third message fails for a while (its topic appears later): the later ones wait
+    kafka.create_topic("later", 1)
+    base = time.time()
+    reqs = [request("later" if i == 2 else "final", delay_s=0.2 + i * 0.01, key=b"same",
+                    value=str(i).encode(), published=base) for i in range(8)]
+    blocker = kafka.faults.add("producer.partitions_for", raises=KafkaTimeoutError(),
+                               when=lambda **call: call["topic"] == "later")
+    async with running(s, kafka, "d.1s") as rep:
+        await until(rep.ready)
+        kafka.faults.add("producer.commit_transaction", raises=KafkaTimeoutError(), times=2)
+        for r in reqs:
+            await publish(kafka, s, r)
+        await asyncio.sleep(1.0)
+        assert [r.value for r in delivered(kafka)] == [b"0", b"1"]  # 2 holds back 3..7
+        kafka.faults.remove(blocker)
+        await until(lambda: len(delivered(kafka)) + len(delivered(kafka, "later")) == 8)
+    records = sorted(delivered(kafka) + delivered(kafka, "later"),
+                     key=lambda r: (r.timestamp, r.topic != "later", r.offset))
+    assert [r.value for r in delivered(kafka)] == [b"0", b"1", b"3", b"4", b"5", b"6", b"7"]
+    assert delivered(kafka, "later")[0].timestamp <= delivered(kafka)[2].timestamp
+    assert len(records) == 8
+
+
+# --- hostile and malformed input -----------------------------------------------------------
+async def test_a_forged_hold_until_is_dead_lettered_and_the_partition_moves_on(
+        kafka: FakeKafka) -> None:
+    s = settings()
+    now = int(time.time() * 1000)
+    forged = Envelope(topic="final", key=b"k", value=b"x", headers=(),
+                      deliver_at_ms=2**63 - 1, hold_until_ms=2**63 - 1, published_ms=now,
+                      hop=1, priority=MessagePriority.NORMAL, message_id=new_message_id())
+    await write(kafka, "d.1s", encode(forged), b"k")
+    after = request(delay_s=0.1, key=b"k")
+    await publish(kafka, s, after)
+    async with running(s, kafka, "d.1s"):
+        await until(lambda: len(delivered(kafka)) == 1 and len(delivered(kafka, "dlq")) == 1)
+    assert b"beyond what bucket" in dict(delivered(kafka, "dlq")[0].headers)["athomic-error"]
+
+
+async def test_with_keys_set_an_unauthenticated_envelope_is_refused_unless_migrating(
+        kafka: FakeKafka) -> None:
+    import base64
+    import os
+
+    key = base64.b64encode(os.urandom(32)).decode()
+    signed = settings(republisher={"auth": {"keys": {"k1": key}, "primary": "k1"}})
+    plain = settings()
+    old = request(delay_s=0.1, key=b"old")
+    await publish(kafka, plain, old)  # written before authentication was turned on
+    async with running(signed, kafka, "d.1s"):
+        await until(lambda: len(delivered(kafka, "dlq")) == 1)
+    migrating = settings(republisher={"auth": {"keys": {"k1": key}, "primary": "k1"},
+                                      "accept_unauthenticated": True})
+    again = request(delay_s=0.1, key=b"again")
+    await publish(kafka, plain, again)
+    new = request(delay_s=0.1, key=b"new")
+    await publish(kafka, signed, new)
+    async with running(migrating, kafka, "d.1s"):
+        await until(lambda: len(delivered(kafka)) == 2)
+    assert sorted(ids(delivered(kafka))) == sorted([again.message_id, new.message_id])
+    assert keys_of(signed) == envelope_keys({"k1": base64.b64decode(key)}, "k1")
+
+
+async def test_clock_skew_is_measured_against_the_brokers(kafka: FakeKafka) -> None:
+    s = settings()
+    async with running(s, kafka, "d.1m") as rep, running(s, kafka, "d.10s"):
+        assert rep.skew_known  # athomic created it with LogAppendTime
+        await publish(kafka, s, request(delay_s=65))
+        await until(lambda: rep.stats()["clock_skew_ms"] is not None)
+        assert abs(rep.stats()["clock_skew_ms"]) < 1000
+
+
+# --- replaying dead letters ----------------------------------------------------------------
+async def test_dead_letters_replay_once_each_where_they_belong(kafka: FakeKafka) -> None:
+    from athomic.republisher.dlq import replay
+
+    s = settings(republisher={"max_attempts": 1})
+    due = request("gone", delay_s=0.05, key=b"a", value=b"due")
+    topic = await publish(kafka, s, due)
+    async with running(s, kafka, topic):
+        await until(lambda: len(delivered(kafka, "dlq")) == 1)
+    not_yet = request(delay_s=30, key=b"b", value=b"later")
+    record = DelayedPublishStrategy(s).build(not_yet, Encoded(b"later", []), "final")
+    await write(kafka, "dlq", record.value, record.key, record.headers)
+    await write(kafka, "dlq", b"garbage", b"c")
+    kafka.create_topic("gone", 1)  # the missing topic exists now
+    dry = await replay(s, dry_run=True, clients=kafka)
+    assert (dry.delivered, dry.delayed, len(dry.left)) == (1, 1, 1)
+    assert delivered(kafka, "gone") == []
+    report = await replay(s, clients=kafka)
+    assert (report.delivered, report.delayed) == (1, 1)
+    assert "not a delay envelope" in report.left[0]
+    (final,) = delivered(kafka, "gone")
+    assert final.value == b"due" and dict(final.headers)["message-id"] == \
+        due.message_id.encode()
+    assert dict(final.headers)["athomic-replayed-from"] == b"dlq/0/0"
+    waiting = [decode(r.value) for r in kafka.records("d.10s")]
+    assert [e.message_id for e in waiting] == [not_yet.message_id]
+    again = await replay(s, clients=kafka)  # nothing twice
+    assert (again.delivered, again.delayed, again.left) == (0, 0, [])
+    assert len(delivered(kafka, "gone")) == 1
+    assert closed(kafka)
