@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -35,6 +36,11 @@ from pydantic_settings import (
 )
 
 from .errors import ConfigurationError, InvalidTopicError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 from .messages import validate_topic
 
 _toml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
@@ -578,6 +584,13 @@ class MessagingSettings(BaseSettings):
         path = Path(path)
         if not path.is_file():
             raise ConfigurationError(f"settings file {path} does not exist")
+        try:
+            tomllib.loads(path.read_text())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigurationError(f"cannot read settings file {path}: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigurationError(f"settings file {path} is not valid TOML: {exc}"
+                                     ) from None
         token = _toml_path.set(path)
         try:
             return cls(**overrides)

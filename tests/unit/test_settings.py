@@ -81,3 +81,12 @@ def test_secrets_are_hidden_but_fingerprinted() -> None:
     assert a.fingerprint() != b.fingerprint()
     assert a.kafka_client_options()["sasl_plain_password"] == "hunter2"
     assert MessagingSettings().fingerprint() == MessagingSettings().fingerprint()
+
+
+def test_a_toml_syntax_error_is_one_clear_configuration_error(tmp_path: Path) -> None:
+    bad = tmp_path / "athomic.toml"
+    bad.write_text('connection_name = "orders"\n[republisher\nreplicas = 2\n')
+    with pytest.raises(ConfigurationError, match="not valid TOML") as caught:
+        MessagingSettings.from_toml(bad)
+    assert "line 2" in str(caught.value)
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
