@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from athomic._kafka import AIOKAFKA, KafkaClients, KafkaProducer, kafka_error_name, translate
+from athomic.envelope import CANCELLED, SCHEDULED, IdEvent, encode_id_event
 from athomic.errors import (
     AthomicError,
     MessagingConnectionError,
@@ -19,7 +20,12 @@ from athomic.errors import (
     PublishError,
     RecordTooLargeError,
 )
-from athomic.messages import PublishingOutcome, PublishRequest
+from athomic.messages import (
+    CancelOutcome,
+    PublishingOutcome,
+    PublishRequest,
+    validate_message_id,
+)
 from athomic.pipeline import EncodeItem, Pipeline, SegmentObserver
 from athomic.settings import MessagingSettings
 from athomic.strategies import (
@@ -28,11 +34,16 @@ from athomic.strategies import (
     OutgoingRecord,
     PublishingStrategy,
     envelope_keys,
+    ms_ceil,
     physical_topic,
 )
 from athomic.telemetry import Telemetry
 
 from .stage import StagePool
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 class ProducerActor:
@@ -58,7 +69,8 @@ class ProducerActor:
         # a unit test) every stage runs inline.
         self.stage_pool = StagePool(stage_actors) if stage_actors else None
         self.direct = DirectPublishStrategy()
-        self.delayed = (DelayedPublishStrategy(settings, envelope_keys(settings))
+        self._keys = envelope_keys(settings)
+        self.delayed = (DelayedPublishStrategy(settings, self._keys)
                         if settings.delay_topics else None)
         self._final_topics: set[str] = set()
         """Final topics known to exist (a delayed message's is checked before it waits)."""
@@ -194,8 +206,8 @@ class ProducerActor:
                 raise translate(exc, topic=topic) from None
             self._final_topics.add(topic)
 
-    async def _deliver(self, prepared: list[tuple[OutgoingRecord, PublishingOutcome]]
-                       ) -> list[Any]:
+    async def _deliver(self, prepared: list[tuple[OutgoingRecord, PublishingOutcome]],
+                       requests: Sequence[PublishRequest]) -> list[Any]:
         """Send every record, then await every acknowledgement within the delivery timeout
         (an idempotent aiokafka producer would otherwise retry a lost quorum forever).
         Returns, per record, its metadata (``partition``, ``offset``) or the exception it
@@ -226,6 +238,23 @@ class ProducerActor:
                     f"{self.settings.producer.delivery_timeout_ms}"))
             else:
                 results.append(fut.exception() or fut.result())
+        # A delayed message with a caller-chosen id: every republisher learns which
+        # publish of the id is the one to deliver (a later one replaces it).
+        scheduled = [i for i, (request, result) in enumerate(zip(requests, results,
+                                                                   strict=True))
+                     if request.version is not None and request.deliver_at is not None
+                     and prepared[i][1] is PublishingOutcome.SUCCESS_DELAYED
+                     and not isinstance(result, BaseException)]
+        if scheduled:
+            now = now_ms()
+            events = [(requests[i].message_id,
+                       IdEvent(SCHEDULED, now, ms_ceil(requests[i].deliver_at or 0),
+                               requests[i].version or b"")) for i in scheduled]
+            left = timeout - (asyncio.get_running_loop().time() - start)
+            for i, error in zip(scheduled, await self._record_ids(events, left),
+                                strict=True):
+                if error is not None:
+                    results[i] = error
         return results
 
     async def publish(self, request: PublishRequest) -> PublishingOutcome:
@@ -235,7 +264,7 @@ class ProducerActor:
         recorder = self.telemetry.publishing(requests, topics, batch=False)
         try:
             prepared = await self.prepare(requests, topics, observe=recorder.observe)
-            (result,) = await self._deliver(prepared)
+            (result,) = await self._deliver(prepared, requests)
         except BaseException as exc:
             recorder.abort(exc)
             raise
@@ -259,7 +288,7 @@ class ProducerActor:
         recorder = self.telemetry.publishing(requests, topics, batch=True)
         try:
             prepared = await self.prepare(requests, topics, observe=recorder.observe)
-            results = await self._deliver(prepared)
+            results = await self._deliver(prepared, requests)
         except BaseException as exc:
             recorder.abort(exc)
             raise
@@ -281,6 +310,49 @@ class ProducerActor:
                 failures=failures, outcomes=outcomes) from None
         recorder.done(prepared, results)
         return outcomes  # type: ignore[return-value]
+
+    async def _record_ids(self, events: list[tuple[str, IdEvent]], timeout: float
+                          ) -> list[BaseException | None]:
+        """Write events to the ids topic; per event, None once acknowledged, else the
+        error."""
+        producer = await self._ensure_started()
+        topic = self.settings.ids_topic
+        futures: list[asyncio.Future[Any] | BaseException] = []
+        for message_id, event in events:
+            try:
+                futures.append(await producer.send(
+                    topic, encode_id_event(message_id, event, self._keys),
+                    key=message_id.encode()))
+            except Exception as exc:
+                futures.append(exc)
+        waiting = [f for f in futures if not isinstance(f, BaseException)]
+        if waiting:
+            await asyncio.wait(waiting, timeout=max(timeout, 0.001))
+        out: list[BaseException | None] = []
+        for fut in futures:
+            if isinstance(fut, BaseException):
+                out.append(translate(fut, topic=topic))
+            elif not fut.done():
+                out.append(PublishError(f"no acknowledgement for {topic!r} in time",
+                                        topic=topic))
+            else:
+                error = fut.exception()
+                out.append(None if error is None else translate(error, topic=topic))
+        return out
+
+    async def cancel(self, message_id: str) -> CancelOutcome:
+        """Record that ``message_id`` must not be delivered; returns once the brokers
+        acknowledged it. A delayed message with that id still pending at its due time is
+        then never delivered (a copy already delivered stays delivered)."""
+        validate_message_id(message_id)
+        if not self.settings.delay_topics:
+            raise NotImplementedError("cancel needs delayed publishing: set delay_topics")
+        timeout = self.settings.producer.delivery_timeout_ms / 1000
+        (error,) = await self._record_ids([(message_id, IdEvent(CANCELLED, now_ms()))],
+                                          timeout)
+        if error is not None:
+            raise error
+        return CancelOutcome.RECORDED
 
     # --- introspection -----------------------------------------------------------------
     async def fingerprint(self) -> str:

@@ -26,7 +26,7 @@ from .errors import (
     SerializationError,
     ValidationError,
 )
-from .messages import MessageHeaders, MessagePriority, PublishingOutcome
+from .messages import CancelOutcome, MessageHeaders, MessagePriority, PublishingOutcome
 from .pipeline import decode_message, decode_record
 from .settings import MessagingSettings
 from .strategies import DelayedPublishStrategy, DirectPublishStrategy
@@ -42,6 +42,7 @@ __all__ = [  # noqa: RUF022 (grouped by kind, sorted within each group)
     # settings
     "MessagingSettings",
     # types
+    "CancelOutcome",
     "DelayedPublishStrategy",
     "DirectPublishStrategy",
     "MessageContext",

@@ -29,6 +29,7 @@ from .errors import (
     ValidationError,
 )
 from .messages import (
+    CancelOutcome,
     MessageHeaders,
     MessagePriority,
     PublishingOutcome,
@@ -235,6 +236,7 @@ class ProducerHandle:
         self.publish: RemoteMethod[PublishingOutcome] = RemoteMethod(self._publish)
         self.publish_batch: RemoteMethod[list[PublishingOutcome]] = RemoteMethod(
             self._publish_batch)
+        self.cancel: RemoteMethod[CancelOutcome] = RemoteMethod(self._cancel)
 
     def __reduce__(self) -> Any:
         return (ProducerHandle, (self.settings, self._lanes))
@@ -267,7 +269,7 @@ class ProducerHandle:
         if len(self._valid_topics) < 10_000:
             self._valid_topics.add(topic)
 
-    def _check_delay(self, due: float, now: float) -> None:
+    def _check_delay(self, due: float, now: float, caller_id: bool = False) -> None:
         if not self.settings.delay_topics:
             raise NotImplementedError(
                 "delayed publishing is not configured: set delay_topics in the "
@@ -281,6 +283,12 @@ class ProducerHandle:
             raise InvalidDelayError(
                 f"a delay of {delay:.3g}s (deliver_at {due:.6g}) is not plausible: "
                 "deliver_at is epoch seconds, not milliseconds", value=delay)
+        horizon = self.settings.republisher.cancel_horizon_s
+        if caller_id and delay > horizon:
+            raise InvalidDelayError(
+                f"a delay of {delay:.0f}s with a message_id is longer than "
+                f"republisher.cancel_horizon_s={horizon:g} (how long an id is remembered, "
+                "so it can be cancelled or replaced)", value=delay)
         hops = plan(self._buckets, int(now * 1000), math.ceil(due * 1000),
                     self.settings.republisher.near_window_s).hops
         if hops > MAX_HOPS:
@@ -305,7 +313,7 @@ class ProducerHandle:
         now = time.time() if now is None else now
         due = _to_deliver_at(delay_seconds, deliver_at, now)
         if due is not None:
-            self._check_delay(due, now)
+            self._check_delay(due, now, caller_id=version is not None)
         context, context_size = captured if captured is not None else self._captured()
         merged, size, passed = context, context_size, 0
         if headers:
@@ -370,6 +378,14 @@ class ProducerHandle:
         request = self._request(message, topic, key, headers, delay_seconds, priority,
                                 deliver_at, message_id)
         return self._submit(loop, self._lane(request.priority), "publish", request, 1)
+
+    def _cancel(self, loop: asyncio.AbstractEventLoop | None, message_id: Any = None) -> Any:
+        """``cancel.remote(message_id=...)``: through the HIGH lane, so a cancel never
+        waits behind bulk publishing."""
+        message_id = validate_message_id(message_id)
+        if not self.settings.delay_topics:
+            raise NotImplementedError("cancel needs delayed publishing: set delay_topics")
+        return self._submit(loop, "high", "cancel", message_id, 1)
 
     def _publish_batch(self, loop: asyncio.AbstractEventLoop | None,
                        messages: Iterable[Mapping[str, Any]], **defaults: Any) -> Any:

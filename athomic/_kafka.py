@@ -130,6 +130,12 @@ class KafkaConsumer(Protocol):
     async def end_offsets(self, partitions: list[TopicPartition]
                           ) -> dict[TopicPartition, int]: ...
 
+    def highwater(self, partition: TopicPartition) -> int | None:
+        """The high watermark the last fetch of ``partition`` reported."""
+
+    def last_poll_timestamp(self, partition: TopicPartition) -> int | None:
+        """When (epoch ms, this host) the last fetch of ``partition`` was answered."""
+
     async def offsets_for_times(self, timestamps: dict[TopicPartition, int]
                                 ) -> dict[TopicPartition, Any]:
         """Per partition, ``(offset, timestamp)`` of the first record at or after the

@@ -266,3 +266,69 @@ def _verify(auth: int, key_id: str, tag: bytes, body: bytes, keys: EnvelopeKeys)
         AESGCM(legacy).decrypt(tag[:12], tag[12:], AUTH_LABEL + body)
     except InvalidTag:
         raise MalformedEnvelopeError("envelope authentication failed (tampered)") from None
+
+
+# --- the ids topic: what happened to a caller-chosen message id ----------------------------
+SCHEDULED, CANCELLED, RELEASED = 1, 2, 3
+_ID_MAGIC = b"ATHI"
+_ID_FIXED = struct.Struct(">4sBBBQQ16s")
+_ID_AUTH_LABEL = b"athomic-ids-v1"
+ID_EVENT_KINDS = {SCHEDULED: "scheduled", CANCELLED: "cancelled", RELEASED: "released"}
+
+
+@dataclass(frozen=True, slots=True)
+class IdEvent:
+    """One event of a caller-chosen message id, the value of a record keyed by the id in
+    the connection's ids topic (compacted).
+
+    Layout: magic ``ATHI``, version 1, kind (1 scheduled, 2 cancelled, 3 released), flags
+    (bit0 authenticated), at (epoch ms, when it happened), deliver_at (epoch ms; 0 for a
+    cancel), version (16 bytes: which publish of the id; zeros for a cancel), then with
+    bit0 the key id (1+n) and an HMAC-SHA256 (32) over the key and everything above, under
+    the envelope keys: a cancel cannot be forged without a key."""
+
+    kind: int
+    at_ms: int
+    deliver_at_ms: int = 0
+    version: bytes = b"\0" * 16
+
+
+def encode_id_event(message_id: str, event: IdEvent, keys: EnvelopeKeys | None = None
+                    ) -> bytes:
+    body = _ID_FIXED.pack(_ID_MAGIC, 1, event.kind, 1 if keys else 0, event.at_ms,
+                          event.deliver_at_ms, event.version)
+    if keys is None:
+        return body
+    key_id = keys.primary.encode()
+    tag = hmac.new(keys.keys[keys.primary], _ID_AUTH_LABEL + message_id.encode() + body,
+                   hashlib.sha256).digest()
+    return body + bytes([len(key_id)]) + key_id + tag
+
+
+def decode_id_event(message_id: str, data: bytes, keys: EnvelopeKeys | None = None, *,
+                    accept_unauthenticated: bool = False) -> IdEvent:
+    """Parse an ids-topic record's value; MalformedEnvelopeError for anything off (with
+    ``keys``: a missing or wrong tag, unless ``accept_unauthenticated`` for a record
+    without one)."""
+    if len(data) < _ID_FIXED.size:
+        raise MalformedEnvelopeError("not an id event: too short")
+    magic, version, kind, flags, at_ms, deliver_at_ms, ver = _ID_FIXED.unpack_from(data)
+    if magic != _ID_MAGIC or version != 1 or kind not in ID_EVENT_KINDS or flags & ~1:
+        raise MalformedEnvelopeError("not an id event")
+    body, rest = data[:_ID_FIXED.size], data[_ID_FIXED.size:]
+    if flags & 1:
+        if not rest or len(rest) != 1 + rest[0] + _TAG:
+            raise MalformedEnvelopeError("id event truncated in its authentication tag")
+        key_id = rest[1:1 + rest[0]].decode("ascii", "replace")
+        if keys is not None:
+            secret = keys.keys.get(key_id)
+            expected = secret and hmac.new(
+                secret, _ID_AUTH_LABEL + message_id.encode() + body, hashlib.sha256).digest()
+            if not expected or not hmac.compare_digest(expected, rest[1 + rest[0]:]):
+                raise MalformedEnvelopeError("id event authentication failed")
+    else:
+        if rest:
+            raise MalformedEnvelopeError("trailing bytes after id event")
+        if keys is not None and not accept_unauthenticated:
+            raise MalformedEnvelopeError("id event not authenticated but keys are set")
+    return IdEvent(kind, at_ms, deliver_at_ms, ver)

@@ -45,6 +45,15 @@ class PublishingOutcome(str, enum.Enum):
     """Written to a delay topic; the republisher delivers it at its due time."""
 
 
+class CancelOutcome(str, enum.Enum):
+    """What ``cancel`` did."""
+
+    RECORDED = "recorded"
+    """The cancel is durable: a delayed message with that id still pending at its due time
+    is not delivered. (Cancelling an id that was already delivered, or never published,
+    changes nothing.)"""
+
+
 # --- wire format -------------------------------------------------------------------------
 # Header keys. Kept stable: the README's "Wire format" table documents each one.
 H_MESSAGE_ID = "message-id"

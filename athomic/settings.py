@@ -449,6 +449,19 @@ class RepublisherSettings(_Section):
     """Records of the ids each partition released (default
     ``athomic.released.<connection_name>``), kept ``dedupe_window_s``: what a restarted
     republisher reads to keep deduplicating."""
+    ids_topic: str | None = None
+    """The compacted topic recording what happened to caller-chosen message ids
+    (scheduled, cancelled, released; default ``athomic.ids.<connection_name>``): how a
+    cancel or a replacing publish reaches every republisher."""
+    cancel_horizon_s: float = Field(30 * 86_400.0, gt=0)
+    """How long the ids topic remembers a message id (plus ``retention_margin_s``): a
+    delayed publish with a caller-chosen ``message_id`` may be due at most this far ahead
+    (so it can always be cancelled or replaced), and a released id is not released again
+    within it."""
+    id_sync_margin_ms: int = Field(20, ge=0)
+    """Before releasing a message with a caller-chosen id, the republisher has read the
+    ids topic up to its end as of the due time plus this margin (what a fetch's round trip
+    may hide)."""
     max_clock_skew_ms: int = Field(1000, ge=0)
     """The republisher measures its clock against the brokers' and warns (and reports
     itself unhealthy) beyond this."""
@@ -460,7 +473,7 @@ class RepublisherSettings(_Section):
     authentication on, until the envelopes written before have been delivered."""
     actor_num_cpus: float = Field(0.0, ge=0)
 
-    @field_validator("dead_letter_topic", "released_topic")
+    @field_validator("dead_letter_topic", "released_topic", "ids_topic")
     @classmethod
     def _topic_name(cls, value: str | None) -> str | None:
         try:
@@ -622,6 +635,10 @@ class MessagingSettings(BaseSettings):
     def released_topic(self) -> str:
         return self.republisher.released_topic or f"athomic.released.{self.connection_name}"
 
+    @property
+    def ids_topic(self) -> str:
+        return self.republisher.ids_topic or f"athomic.ids.{self.connection_name}"
+
     def envelope_ring(self) -> tuple[dict[str, bytes], str] | None:
         """(key id -> raw key, primary) authenticating envelopes: ``republisher.auth``,
         else the encrypt stage's ring; None when neither is set."""
@@ -635,7 +652,7 @@ class MessagingSettings(BaseSettings):
     def reserved_topics(self) -> frozenset[str]:
         """Topics athomic uses itself: never a final topic."""
         return frozenset({*self.delay_topics.values(), self.republisher.dead_letter_topic,
-                          self.released_topic})
+                          self.released_topic, self.ids_topic})
 
     @property
     def servers(self) -> list[str]:

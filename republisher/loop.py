@@ -64,6 +64,7 @@ from athomic.settings import MessagingSettings
 from athomic.strategies import delay_headers, delivered_record, envelope_keys, partition_key
 from athomic.telemetry import RepublishSpan, Telemetry
 
+from .ids import IdLog
 from .schedule import (
     FINAL,
     MAX_METADATA,
@@ -198,6 +199,7 @@ class BucketRepublisher:
                                            if smallest else rep.near_window_s))
         self.near_window_s = rep.near_window_s
         self.keys = envelope_keys(settings)
+        self.ids = IdLog(settings, clients, self.keys)
         self.parts: dict[TopicPartition, Partition] = {}
         self.held = 0
         self.lateness = LatenessStats()
@@ -205,7 +207,8 @@ class BucketRepublisher:
         self.skew_known = False
         self.telemetry = Telemetry.from_settings(settings)
         self.counts = {FINAL: 0, CASCADE: 0, DEAD_LETTER: 0, RESTAGE: 0, "skipped": 0,
-                       "duplicate": 0, "aborted": 0, "fenced": 0, "restarted": 0}
+                       "duplicate": 0, "cancelled": 0, "replaced": 0, "aborted": 0,
+                       "fenced": 0, "restarted": 0}
         self.consumer: KafkaConsumer | None = None
         self.released_partitions = 1
         self.running = False
@@ -222,6 +225,7 @@ class BucketRepublisher:
         settings = self.settings
         counts = await ensure_topics(settings, settings.delay_topics, clients=self.clients)
         self.released_partitions = counts[settings.released_topic]
+        await self.ids.start(counts[settings.ids_topic])
         admin = await open_admin(settings, self.clients)
         try:
             stamp = (await admin.topic_config([self.topic], "message.timestamp.type"))
@@ -276,6 +280,7 @@ class BucketRepublisher:
                 await self.consumer.stop()
         self.consumer = None
         self.parts.clear()
+        await self.ids.stop()
 
     def stop(self) -> None:
         self._stopping = True
@@ -677,8 +682,20 @@ class BucketRepublisher:
         seen: set[str] = set()
         for h in due:
             env = h.env
+            if h.action == CASCADE and env is not None and env.caller_id:
+                why = self.ids.verdict(env.message_id, env.version)
+                if why is not None:  # no need to carry it further
+                    h.error = why
+                    skip.append(h)
+                    continue
             if h.action != FINAL or env is None:
                 send.append(h)
+                continue
+            if env.caller_id and self.ids.synced_through() < env.deliver_at_ms:
+                # not released before the ids topic is read up to its end as of the due
+                # time: a cancel or replacement acknowledged before then wins
+                h.release_ms = now + 10
+                later.append(h)
                 continue
             key = env.key
             if key is not None:
@@ -688,7 +705,12 @@ class BucketRepublisher:
                     h.release_ms = now + 50  # behind an earlier message of its key
                     later.append(h)
                     continue
-            if env.message_id in part.recent or env.message_id in seen:
+            why = self.ids.verdict(env.message_id, env.version) if env.caller_id else None
+            if why is not None:
+                h.error = why  # cancelled, replaced by a newer publish, or released
+                skip.append(h)
+            elif env.message_id in part.recent or env.message_id in seen:
+                h.error = "duplicate"
                 skip.append(h)  # released before: a retried publish's second copy
             elif not await self._topic_exists(part, env.topic):
                 failing = part.failing.setdefault(h.offset, Failing())
@@ -873,10 +895,19 @@ class BucketRepublisher:
                     refused[i] = exc
                     raise _Refused(refused) from exc
             for h in send:
-                if h.action == FINAL and h.env is not None:
+                env = h.env
+                if h.action != FINAL or env is None or h.spill:
+                    continue
+                futures.append(_observed(await self._bounded(producer.send(
+                    marker.topic, env.message_id.encode(), key=marker_key,
+                    partition=marker.partition))))
+                if env.caller_id:  # every republisher learns it was released
+                    event = envelope.IdEvent(envelope.RELEASED, sent_ms, env.deliver_at_ms,
+                                             env.version)
                     futures.append(_observed(await self._bounded(producer.send(
-                        marker.topic, h.env.message_id.encode(), key=marker_key,
-                        partition=marker.partition))))
+                        self.settings.ids_topic,
+                        envelope.encode_id_event(env.message_id, event, self.keys),
+                        key=env.message_id.encode()))))
             results = await self._bounded(asyncio.gather(*futures, return_exceptions=True))
             refused = {i: r for i, r in enumerate(results[:len(records)])
                        if isinstance(r, BaseException)}
@@ -910,7 +941,8 @@ class BucketRepublisher:
         part.last_commit_ms = committed
         part.backoff_s = 0.1
         self.telemetry.add_delayed_held(-(len(send) + len(skip)), delay_topic=self.topic)
-        self.counts["duplicate"] += len(skip)
+        for h in skip:
+            self.counts[h.error if h.error in ("cancelled", "replaced") else "duplicate"] += 1
         for h in send + skip:
             part.failing.pop(h.offset, None)
             self._untrack(part, h)

@@ -40,15 +40,16 @@ async def open_admin(settings: MessagingSettings, clients: KafkaClients = AIOKAF
 async def ensure_topics(settings: MessagingSettings, topics: dict[float, str],
                         with_dead_letter: bool = True, *,
                         clients: KafkaClients = AIOKAFKA) -> dict[str, int]:
-    """Create missing delay topics (and the dead-letter and released-ids topics); refuse an
+    """Create missing delay topics (and the dead-letter, released-ids and ids topics); refuse an
     existing delay topic whose retention is shorter than ``required_retention_ms``.
     Returns each topic's partition count."""
     rep = settings.republisher
     admin = await open_admin(settings, clients)
     try:
         wanted = {topic: bucket for bucket, topic in topics.items()}
-        dlq, released = rep.dead_letter_topic, settings.released_topic
-        names = list(wanted) + ([dlq, released] if with_dead_letter else [])
+        dlq, released, ids = (rep.dead_letter_topic, settings.released_topic,
+                              settings.ids_topic)
+        names = list(wanted) + ([dlq, released, ids] if with_dead_letter else [])
         existing = await admin.partition_counts(names)
         replication = rep.replication_factor or min(3, await admin.broker_count())
         # Delay topics are stamped with the brokers' clock: what the republisher measures
@@ -59,6 +60,15 @@ async def ensure_topics(settings: MessagingSettings, topics: dict[float, str],
                for t in wanted if t not in existing]
         if with_dead_letter and dlq not in existing:
             new.append(TopicSpec(dlq, 1, replication, {"retention.ms": str(4 * WEEK_MS)}))
+        if with_dead_letter and ids not in existing:
+            # Compacted (the latest event per id) and deleted after the horizon: entries
+            # expire on their own.
+            keep_ms = round((rep.cancel_horizon_s + rep.retention_margin_s) * 1000)
+            new.append(TopicSpec(ids, rep.partitions, replication,
+                                 {"cleanup.policy": "compact,delete",
+                                  "retention.ms": str(keep_ms),
+                                  "segment.ms": str(min(keep_ms, 3_600_000)),
+                                  "min.cleanable.dirty.ratio": "0.2"}))
         if with_dead_letter and released not in existing:
             keep_ms = round(rep.dedupe_window_s * 1000) + 3_600_000
             new.append(TopicSpec(released, rep.partitions, replication,

@@ -112,11 +112,12 @@ PRODUCER_METHODS = ("start", "stop", "flush", "send", "begin_transaction",
                     "partitions_for")
 CONSUMER_METHODS = ("start", "stop", "assign", "assignment", "seek", "pause", "resume",
                     "paused", "position", "getmany", "beginning_offsets", "end_offsets",
-                    "offsets_for_times")
+                    "offsets_for_times", "highwater", "last_poll_timestamp")
 ADMIN_METHODS = ("start", "close", "broker_count", "partition_counts", "create_topics",
                  "create_partitions", "topic_config", "committed")
 SYNC_METHODS = frozenset(f"consumer.{m}" for m in
-                         ("assign", "assignment", "seek", "pause", "resume", "paused"))
+                         ("assign", "assignment", "seek", "pause", "resume", "paused",
+                          "highwater", "last_poll_timestamp"))
 METHODS = frozenset([*(f"producer.{m}" for m in PRODUCER_METHODS),
                      *(f"consumer.{m}" for m in CONSUMER_METHODS),
                      *(f"admin.{m}" for m in ADMIN_METHODS)])
@@ -739,6 +740,7 @@ class FakeConsumer(_Client):
         self.max_poll_records: int | None = options.get("max_poll_records")
         self._positions: dict[TopicPartition, int | None] = {}
         self._paused: set[TopicPartition] = set()
+        self._polled: dict[TopicPartition, tuple[int, int]] = {}
 
     async def start(self) -> None:
         await self._enter("start")
@@ -845,6 +847,8 @@ class FakeConsumer(_Client):
                 continue
             records, self._positions[tp] = self.kafka._read(
                 tp, self._position(tp, fetching=True), self.isolation_level, limit)
+            # what a fetch response tells about the partition (aiokafka keeps it)
+            self._polled[tp] = (int(time.time() * 1000), self.kafka.high_watermark(tp))
             if records:
                 out[tp] = records
                 if limit is not None:
@@ -864,6 +868,16 @@ class FakeConsumer(_Client):
         await self._enter("end_offsets", partitions=partitions)
         self._known(partitions)
         return {tp: self.kafka._end_offset(tp, self.isolation_level) for tp in partitions}
+
+    def highwater(self, partition: TopicPartition) -> int | None:
+        self._sync("highwater", partition=partition)
+        polled = self._polled.get(partition)
+        return None if polled is None else polled[1]
+
+    def last_poll_timestamp(self, partition: TopicPartition) -> int | None:
+        self._sync("last_poll_timestamp", partition=partition)
+        polled = self._polled.get(partition)
+        return None if polled is None else polled[0]
 
     async def offsets_for_times(self, timestamps: dict[TopicPartition, int]
                                 ) -> dict[TopicPartition, OffsetAndTimestamp | None]:

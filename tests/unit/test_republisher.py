@@ -463,3 +463,117 @@ async def test_dead_letters_replay_once_each_where_they_belong(kafka: FakeKafka)
     assert (again.delivered, again.delayed, again.left) == (0, 0, [])
     assert len(delivered(kafka, "gone")) == 1
     assert closed(kafka)
+
+
+# --- cancel and replace by message id --------------------------------------------------------
+async def record_id(kafka: FakeKafka, s: MessagingSettings, message_id: str, kind: int,
+                    req: PublishRequest | None = None, *, signed: bool = True) -> None:
+    """What a ProducerActor writes to the ids topic (scheduled after a publish, cancelled
+    on cancel)."""
+    from athomic.envelope import IdEvent, encode_id_event
+
+    event = IdEvent(kind, int(time.time() * 1000),
+                    int((req.deliver_at or 0) * 1000) if req else 0,
+                    (req.version or b"") if req else b"\0" * 16)
+    keys = keys_of(s) if signed else None
+    await write(kafka, s.ids_topic, encode_id_event(message_id, event, keys),
+                message_id.encode())
+
+
+async def publish_with_id(kafka: FakeKafka, s: MessagingSettings, req: PublishRequest
+                          ) -> None:
+    from athomic.envelope import SCHEDULED
+
+    await publish(kafka, s, req)
+    await record_id(kafka, s, req.message_id, SCHEDULED, req)
+
+
+async def test_a_cancel_before_the_due_time_wins(kafka: FakeKafka) -> None:
+    from athomic.envelope import CANCELLED
+
+    s = settings()
+    async with all_buckets(s, kafka) as reps:
+        kept = request(delay_s=0.4, message_id="keep-1")
+        gone = request(delay_s=0.4, message_id="order-42-reminder")
+        for r in (kept, gone):
+            await publish_with_id(kafka, s, r)
+        await record_id(kafka, s, "order-42-reminder", CANCELLED)
+        await until(lambda: len(delivered(kafka)) == 1)
+        await until(lambda: sum(r.counts["cancelled"] for r in reps) == 1)
+    assert ids(delivered(kafka)) == ["keep-1"]
+
+
+async def test_replace_earlier_later_and_with_a_new_payload(kafka: FakeKafka) -> None:
+    s = settings()
+    base = time.time()
+    async with all_buckets(s, kafka) as reps:
+        # moved earlier: 2 s -> 0.3 s; moved later: 0.3 s -> 1.2 s; new payload, same time
+        for mid, first, second in [("earlier", 2.0, 0.3), ("later", 0.3, 1.2),
+                                   ("payload", 0.5, 0.5)]:
+            old = request(delay_s=first, message_id=mid, value=b"old", published=base)
+            new = request(delay_s=second, message_id=mid, value=b"new", published=base)
+            await publish_with_id(kafka, s, old)
+            await publish_with_id(kafka, s, new)
+        await until(lambda: len(delivered(kafka)) == 3, timeout=10)
+        await asyncio.sleep(2.3 - (time.time() - base))  # past every old due time
+        assert sum(r.counts["replaced"] for r in reps) == 3
+    records = delivered(kafka)
+    assert sorted(ids(records)) == ["earlier", "later", "payload"]
+    assert {r.value for r in records} == {b"new"}
+    for record in records:
+        due = int(dict(record.headers)["athomic-deliver-at"])
+        assert record.timestamp >= due
+        expected = {"earlier": 0.3, "later": 1.2, "payload": 0.5}[ids([record])[0]]
+        assert due == pytest.approx((base + expected) * 1000, abs=2)
+
+
+async def test_a_cancel_survives_a_restart_of_every_republisher(kafka: FakeKafka) -> None:
+    from athomic.envelope import CANCELLED
+
+    s = settings()
+    gone = request(delay_s=1.0, message_id="gone")
+    async with all_buckets(s, kafka):
+        await publish_with_id(kafka, s, gone)
+        await record_id(kafka, s, "gone", CANCELLED)
+        await asyncio.sleep(0.2)
+    await publish(kafka, s, request(delay_s=0.5, message_id="after"))  # no id record
+    async with all_buckets(s, kafka) as reps:  # restarted: reads the ids topic again
+        await until(lambda: len(delivered(kafka)) == 1)
+        await asyncio.sleep(1.0)
+        assert sum(r.counts["cancelled"] for r in reps) == 1
+    assert ids(delivered(kafka)) == ["after"]
+
+
+async def test_a_forged_cancel_is_ignored_when_keys_are_set(kafka: FakeKafka) -> None:
+    import base64
+    import os
+
+    from athomic.envelope import CANCELLED
+
+    key = base64.b64encode(os.urandom(32)).decode()
+    s = settings(republisher={"auth": {"keys": {"k1": key}, "primary": "k1"}})
+    req = request(delay_s=0.3, message_id="paid")
+    async with all_buckets(s, kafka) as reps:
+        await publish_with_id(kafka, s, req)
+        await record_id(kafka, s, "paid", CANCELLED, signed=False)  # no key: forged
+        await until(lambda: len(delivered(kafka)) == 1)
+        assert all(r.ids.refused >= 1 for r in reps)
+    assert ids(delivered(kafka)) == ["paid"]
+
+
+async def test_a_release_waits_for_the_ids_topic_to_be_read(kafka: FakeKafka) -> None:
+    from athomic.envelope import CANCELLED
+
+    s = settings()
+    async with all_buckets(s, kafka):
+        getmany = kafka.faults.add("consumer.getmany", delay=0.6,
+                                   when=lambda **call: any(
+                                       tp.topic == s.ids_topic
+                                       for tp in call["partitions"]))
+        req = request(delay_s=0.2, message_id="racing")
+        await publish_with_id(kafka, s, req)
+        await record_id(kafka, s, "racing", CANCELLED)  # before the due time ...
+        await asyncio.sleep(1.5)  # ... though the reader is slow to see it
+        kafka.faults.remove(getmany)
+        await asyncio.sleep(0.5)
+    assert delivered(kafka) == []
