@@ -4,6 +4,9 @@ Publish through a Ray actor handle; every message passes a declarative payload p
 carries trace context and lineage in its headers, and can be delayed and prioritised.
 """
 
+from importlib.metadata import PackageNotFoundError as _NotInstalled
+from importlib.metadata import version as _version
+
 from ._handle import ProducerFactory, ProducerHandle
 from .context import MessageContext, extract_context, message_context, register_context_var
 from .errors import (
@@ -31,7 +34,10 @@ from .pipeline import decode_message, decode_record
 from .settings import MessagingSettings
 from .strategies import DelayedPublishStrategy, DirectPublishStrategy
 
-__version__ = "0.1.0"
+try:
+    __version__ = _version("athomic-ray")  # the one place: pyproject.toml
+except _NotInstalled:  # pragma: no cover (a source tree that was not installed)
+    __version__ = "0+unknown"
 
 __all__ = [  # noqa: RUF022 (grouped by kind, sorted within each group)
     # clients

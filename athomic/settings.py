@@ -1,8 +1,9 @@
 """Settings: one ``MessagingSettings`` with a nested model per subsystem.
 
 Sources, strongest first: keyword arguments, environment variables (``ATHOMIC_...``, nested
-with ``__``, e.g. ``ATHOMIC_PRODUCER__LINGER_MS=10``), a TOML file (``from_toml``), defaults.
-Settings are data, read once; library code receives them and never reads the environment.
+with ``__``, e.g. ``ATHOMIC_PRODUCER__LINGER_MS=10``), a dotenv file (``_env_file=``), a
+secrets directory (``_secrets_dir=``), a TOML file (``from_toml``), defaults. Settings are
+data, read once; library code receives them and never reads the environment.
 """
 
 from __future__ import annotations
@@ -278,6 +279,9 @@ class KeyRing(_Section):
     keys: dict[str, SecretStr] = Field(default_factory=dict)
     keys_file: Path | None = None
     keys_env: str | None = None
+    keys_dir: Path | None = None
+    """A directory holding one file per key: the file name is the key id, its content the
+    base64 key (how Kubernetes mounts a Secret)."""
     primary: str
 
     @model_validator(mode="before")
@@ -301,6 +305,15 @@ class KeyRing(_Section):
             except ValueError:
                 raise ValueError(f"keys_file {path} is not a JSON object") from None
             sources.append((f"keys_file {path}", _key_map(f"keys_file {path}", parsed)))
+        if data.get("keys_dir"):
+            folder = Path(data["keys_dir"])
+            if not folder.is_dir():
+                raise ValueError(f"keys_dir {folder} is not a directory")
+            ring = {entry.name: entry.read_text().strip() for entry in sorted(folder.iterdir())
+                    if not entry.name.startswith(".") and entry.is_file()}
+            if not ring:
+                raise ValueError(f"keys_dir {folder} holds no key files")
+            sources.append((f"keys_dir {folder}", ring))
         if data.get("keys_env"):
             name = str(data["keys_env"])
             env_text = os.environ.get(name)  # settings are the one place reading the env
@@ -585,7 +598,11 @@ class MessagingSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        # Strongest first: what the code passes, the environment, a dotenv file
+        # (``_env_file=``), a secrets directory (``_secrets_dir=``, one file per setting,
+        # as Kubernetes mounts Secrets), then the TOML file.
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings,
+                                                     dotenv_settings, file_secret_settings]
         path = _toml_path.get()
         if path is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))

@@ -45,3 +45,22 @@ def test_errors_survive_pickling_with_their_data() -> None:
     p = errors.PublishError("x", topic="t", failures={1: "boom"}, outcomes=["a", None])
     p2 = pickle.loads(pickle.dumps(p))
     assert (p2.topic, p2.failures, p2.outcomes) == ("t", {1: "boom"}, ["a", None])
+
+
+def test_version_comes_from_one_place_and_the_license_matches() -> None:
+    import sys
+    from importlib.metadata import metadata, version
+    from pathlib import Path
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+
+    root = Path(__file__).resolve().parents[2]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert athomic.__version__ == version("athomic-ray") == project["version"]
+    assert project["license"] == "Apache-2.0"
+    text = (root / "LICENSE").read_text()
+    assert text.startswith("Apache License") and "Version 2.0, January 2004" in text
+    assert metadata("athomic-ray")["License-Expression"] == "Apache-2.0"

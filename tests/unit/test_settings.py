@@ -90,3 +90,46 @@ def test_a_toml_syntax_error_is_one_clear_configuration_error(tmp_path: Path) ->
         MessagingSettings.from_toml(bad)
     assert "line 2" in str(caught.value)
     assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+def test_dotenv_and_a_secrets_directory_are_sources(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """How Kubernetes hands settings to a pod: a Secret mounted as a directory, one file per
+    setting (the file name is the environment variable's)."""
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "ATHOMIC_BOOTSTRAP_SERVERS").write_text("kafka-0:9092,kafka-1:9092")
+    (secrets / "ATHOMIC_SECURITY").write_text(
+        '{"protocol": "SASL_SSL", "sasl_mechanism": "PLAIN", "sasl_username": "svc", '
+        '"sasl_password": "pw"}')
+    env_file = tmp_path / ".env"
+    env_file.write_text("ATHOMIC_CONNECTION_NAME=orders\nATHOMIC_BOOTSTRAP_SERVERS=x:1\n")
+    s = MessagingSettings(_secrets_dir=secrets, _env_file=env_file)
+    assert s.connection_name == "orders"  # from .env
+    assert s.bootstrap_servers == "x:1"  # .env wins over the secrets directory
+    assert s.security.sasl_password is not None
+    assert s.security.sasl_password.get_secret_value() == "pw"
+    monkeypatch.setenv("ATHOMIC_BOOTSTRAP_SERVERS", "from-env:9092")
+    assert MessagingSettings(_secrets_dir=secrets).bootstrap_servers == "from-env:9092"
+    monkeypatch.delenv("ATHOMIC_BOOTSTRAP_SERVERS")
+    assert MessagingSettings(_secrets_dir=secrets).bootstrap_servers == \
+        "kafka-0:9092,kafka-1:9092"
+
+
+def test_keys_from_a_mounted_secret_directory(tmp_path: Path) -> None:
+    import base64
+    import os
+
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    raw = {kid: os.urandom(32) for kid in ("k1", "k2")}
+    for kid, key in raw.items():
+        (keys / kid).write_text(base64.b64encode(key).decode() + "\n")
+    (keys / "..data").mkdir()  # what Kubernetes adds beside the files
+    s = MessagingSettings(pipeline=[{"stage": "serialize"}, {
+        "stage": "encrypt", "keys_dir": str(keys), "primary": "k2"}])
+    spec = s.pipeline[1]
+    assert spec.stage == "encrypt" and spec.key_ring() == raw  # type: ignore[union-attr]
+    with pytest.raises(ConfigurationError, match="holds no key files"):
+        MessagingSettings(pipeline=[{"stage": "serialize"}, {
+            "stage": "encrypt", "keys_dir": str(keys / "..data"), "primary": "k1"}])
