@@ -54,3 +54,28 @@ def ensure(port: int | None = None) -> tuple[str, bool]:
     if running:
         return running, False
     return start(port), True
+
+
+def node_stop(node: int, port: int, *, data_dir: str | Path | None = None,
+              signal: str = "KILL") -> None:
+    """Signal one broker of a cluster: KILL (kill -9, waits for it to die), TERM, STOP
+    (a stall), CONT."""
+    try:
+        _run("node-stop", "--node", str(node), "--signal", signal, *_where(port, data_dir),
+             timeout=120)
+    except subprocess.CalledProcessError as exc:
+        raise RuntimeError(f"kafka-local node-stop failed:\n{exc.stderr[-2000:]}") from None
+
+
+def node_start(node: int, port: int, *, data_dir: str | Path | None = None) -> None:
+    """Start one broker again (its data kept); returns once it answers."""
+    try:
+        _run("node-start", "--node", str(node), *_where(port, data_dir), timeout=180)
+    except subprocess.CalledProcessError as exc:
+        raise RuntimeError(f"kafka-local node-start failed:\n{exc.stderr[-2000:]}") from None
+
+
+def node_pid(node: int, port: int, *, data_dir: str | Path | None = None) -> int | None:
+    out = _run("node-pid", "--node", str(node), *_where(port, data_dir), check=False,
+               timeout=30)
+    return int(out.stdout.strip()) if out.returncode == 0 else None
