@@ -37,7 +37,7 @@ from athomic.strategies import (
     ms_ceil,
     physical_topic,
 )
-from athomic.telemetry import Telemetry
+from athomic.telemetry import PublishRecorder, Telemetry
 
 from .stage import StagePool
 
@@ -207,7 +207,8 @@ class ProducerActor:
             self._final_topics.add(topic)
 
     async def _deliver(self, prepared: list[tuple[OutgoingRecord, PublishingOutcome]],
-                       requests: Sequence[PublishRequest]) -> list[Any]:
+                       requests: Sequence[PublishRequest], recorder: PublishRecorder
+                       ) -> list[Any]:
         """Send every record, then await every acknowledgement within the delivery timeout
         (an idempotent aiokafka producer would otherwise retry a lost quorum forever).
         Returns, per record, its metadata (``partition``, ``offset``) or the exception it
@@ -216,12 +217,14 @@ class ProducerActor:
         timeout = self.settings.producer.delivery_timeout_ms / 1000
         start = asyncio.get_running_loop().time()
         futures: list[asyncio.Future[Any] | BaseException] = []
-        for record, _ in prepared:
-            try:  # send() waits on its own bounded timeouts (metadata, buffer space)
-                futures.append(await producer.send(
-                    record.topic, record.value, key=record.key, headers=record.headers))
-            except Exception as exc:  # e.g. metadata timeout for an unknown topic
-                futures.append(exc)
+        with recorder.sending() as current:
+            for i, (record, _) in enumerate(prepared):
+                current(i)  # the record's span is current while the client sends it
+                try:  # send() waits on its own bounded timeouts (metadata, buffer space)
+                    futures.append(await producer.send(
+                        record.topic, record.value, key=record.key, headers=record.headers))
+                except Exception as exc:  # e.g. metadata timeout for an unknown topic
+                    futures.append(exc)
         waiting = [f for f in futures if not isinstance(f, BaseException)]
         if waiting:
             # asyncio.wait never cancels: a record still pending at the deadline stays with
@@ -264,7 +267,7 @@ class ProducerActor:
         recorder = self.telemetry.publishing(requests, topics, batch=False)
         try:
             prepared = await self.prepare(requests, topics, observe=recorder.observe)
-            (result,) = await self._deliver(prepared, requests)
+            (result,) = await self._deliver(prepared, requests, recorder)
         except BaseException as exc:
             recorder.abort(exc)
             raise
@@ -288,7 +291,7 @@ class ProducerActor:
         recorder = self.telemetry.publishing(requests, topics, batch=True)
         try:
             prepared = await self.prepare(requests, topics, observe=recorder.observe)
-            results = await self._deliver(prepared, requests)
+            results = await self._deliver(prepared, requests, recorder)
         except BaseException as exc:
             recorder.abort(exc)
             raise

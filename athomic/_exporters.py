@@ -1,6 +1,15 @@
 """Where athomic's own telemetry goes when ``telemetry.exporter`` is not ``"none"``: the
 tracer and meter providers it builds per actor process, and the exporters (console, OTLP,
-and a JSON-lines file used by tests and debugging)."""
+and a JSON-lines file used by tests and debugging).
+
+Precedence follows the OpenTelemetry SDK's: a setting given explicitly wins over the SDK's
+environment variable, which wins over athomic's default. "Explicitly" means the field was
+set (keyword, ``ATHOMIC_TELEMETRY__...``, TOML), not left at its default: so the default
+``lineage.service_name`` ("athomic") never hides ``OTEL_SERVICE_NAME``, nor the default
+``otlp_protocol`` ``OTEL_EXPORTER_OTLP_PROTOCOL``. Whatever athomic does not pass (OTLP
+headers, timeouts, certificates, the sampler, batch processor limits, ``OTEL_SDK_DISABLED``)
+the SDK and the exporter classes read themselves.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +31,7 @@ from opentelemetry.sdk.metrics.export import (
     NumberDataPoint,
     PeriodicExportingMetricReader,
 )
-from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
@@ -30,36 +39,89 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from .errors import ConfigurationError
 from .settings import TelemetrySettings
 
 
+def otel_environment() -> dict[str, str]:
+    """The OpenTelemetry SDK's environment variables (``OTEL_*``) of this process.
+
+    The topology module gives them to every actor it starts
+    (``runtime_env={"env_vars": ...}``), so ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``,
+    ``OTEL_EXPORTER_OTLP_*`` ... set where ``ProducerFactory.create`` runs apply in the
+    actors too. This is the one place athomic reads ``os.environ`` outside its settings, on
+    purpose: these variables are the SDK's configuration, read by the SDK in each process,
+    so they must arrive in the actor as environment variables anyway; copied into the
+    settings they would be a second copy nothing reads, and would enter the settings
+    fingerprint (an OTLP header token would decide whether two drivers share actors)."""
+    return {k: v for k, v in os.environ.items() if k.startswith("OTEL_")}
+
+
+_PROTOCOLS = ("grpc", "http/protobuf")
+
+
+def otlp_protocol(settings: TelemetrySettings, signal: str) -> str:
+    """The OTLP protocol of ``signal`` (``traces`` or ``metrics``): ``telemetry.otlp_protocol``
+    when set, else ``OTEL_EXPORTER_OTLP_<SIGNAL>_PROTOCOL``, else
+    ``OTEL_EXPORTER_OTLP_PROTOCOL``, else ``http/protobuf``."""
+    if "otlp_protocol" in settings.model_fields_set:
+        return settings.otlp_protocol
+    env = otel_environment()
+    for name in (f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        value = env.get(name, "").strip()
+        if value:
+            if value not in _PROTOCOLS:
+                raise ConfigurationError(
+                    f"{name}={value!r}: athomic's otlp exporter speaks grpc or http/protobuf")
+            return value
+    return settings.otlp_protocol
+
+
 def check_exporter(settings: TelemetrySettings) -> None:
     """Raise ConfigurationError if the exporter ``settings`` choose cannot be built here."""
     if settings.exporter == "otlp":
-        _otlp_classes(settings.otlp_protocol)
+        for signal in ("traces", "metrics"):
+            _otlp_class(otlp_protocol(settings, signal), signal)
 
 
-def _otlp_classes(protocol: str) -> tuple[Any, Any]:
+def _otlp_class(protocol: str, signal: str) -> Any:
     kind = "grpc" if protocol == "grpc" else "http"
     package = f"opentelemetry-exporter-otlp-proto-{kind}"
     try:
+        if kind == "grpc" and signal == "traces":
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+            return OTLPSpanExporter
         if kind == "grpc":
             from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
                 OTLPMetricExporter,
             )
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        else:
-            from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
-                OTLPMetricExporter,
+            return OTLPMetricExporter
+        if signal == "traces":
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+                OTLPSpanExporter as HttpSpanExporter,
             )
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            return HttpSpanExporter
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+            OTLPMetricExporter as HttpMetricExporter,
+        )
+        return HttpMetricExporter
     except ImportError:
         raise ConfigurationError(
             f"telemetry.exporter='otlp' (otlp_protocol={protocol!r}) needs the {package} "
             "package: pip install 'athomic-ray[otlp]'") from None
-    return OTLPSpanExporter, OTLPMetricExporter
+
+
+def _otlp_exporter(settings: TelemetrySettings, signal: str) -> Any:
+    protocol = otlp_protocol(settings, signal)
+    cls = _otlp_class(protocol, signal)
+    endpoint = settings.otlp_endpoint
+    if endpoint is None:  # the exporter reads OTEL_EXPORTER_OTLP_[<SIGNAL>_]ENDPOINT itself
+        return cls()
+    if protocol == "grpc":
+        return cls(endpoint=endpoint)
+    return cls(endpoint=f"{endpoint.rstrip('/')}/v1/{signal}")
 
 
 def _exporters(settings: TelemetrySettings) -> tuple[SpanExporter, MetricExporter]:
@@ -69,29 +131,42 @@ def _exporters(settings: TelemetrySettings) -> tuple[SpanExporter, MetricExporte
         assert settings.file_path is not None
         return JsonLinesSpanExporter(settings.file_path), JsonLinesMetricExporter(
             settings.file_path)
-    span_cls, metric_cls = _otlp_classes(settings.otlp_protocol)
-    endpoint = settings.otlp_endpoint
-    if endpoint is None:
-        return span_cls(), metric_cls()
-    if settings.otlp_protocol == "grpc":
-        return span_cls(endpoint=endpoint), metric_cls(endpoint=endpoint)
-    base = endpoint.rstrip("/")
-    return span_cls(endpoint=f"{base}/v1/traces"), metric_cls(endpoint=f"{base}/v1/metrics")
+    return _otlp_exporter(settings, "traces"), _otlp_exporter(settings, "metrics")
 
 
-def build_providers(settings: TelemetrySettings, service_name: str
-                     ) -> tuple[trace.TracerProvider | None, otel_metrics.MeterProvider | None]:
+def build_resource(settings: TelemetrySettings, default_service_name: str) -> Resource:
+    """The resource of athomic's own providers: the SDK's (its detectors,
+    ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_SERVICE_NAME``), with ``service.name`` =
+    ``telemetry.service_name`` when set, else the SDK's when the environment names one,
+    else ``default_service_name`` (``lineage.service_name``)."""
+    resource = Resource.create()
+    name = settings.service_name
+    if name is None:
+        # The SDK fills in "unknown_service[:<executable>]" when nothing named the service.
+        if not str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+            return resource
+        name = default_service_name
+    return resource.merge(Resource({SERVICE_NAME: name}))
+
+
+def build_providers(settings: TelemetrySettings, default_service_name: str = "athomic"
+                    ) -> tuple[trace.TracerProvider | None, otel_metrics.MeterProvider | None]:
+    """athomic's own tracer and meter providers (None for a signal that is off), exporting
+    where ``settings`` say; never installed as the global ones."""
     span_exporter, metric_exporter = _exporters(settings)
-    resource = Resource.create({"service.name": service_name})
+    resource = build_resource(settings, default_service_name)
     tracer_provider: TracerProvider | None = None
     if settings.traces:
+        # sampler, span limits and the batch processor's limits: from OTEL_* (the SDK's)
         tracer_provider = TracerProvider(resource=resource)
         tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
     meter_provider: MeterProvider | None = None
     if settings.metrics:
-        reader = PeriodicExportingMetricReader(
-            metric_exporter,
-            export_interval_millis=settings.metric_export_interval_s * 1000)
+        interval = None  # OTEL_METRIC_EXPORT_INTERVAL, else the SDK's 60 s
+        if "metric_export_interval_s" in settings.model_fields_set:
+            interval = settings.metric_export_interval_s * 1000
+        reader = PeriodicExportingMetricReader(metric_exporter,
+                                               export_interval_millis=interval)
         meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
     return tracer_provider, meter_provider
 
@@ -140,8 +215,15 @@ def span_record(span: ReadableSpan) -> dict[str, Any]:
         "links": [{"trace_id": _hex(link.context.trace_id, 32),
                    "span_id": _hex(link.context.span_id, 16)} for link in span.links],
         "resource": {k: _plain(v) for k, v in span.resource.attributes.items()},
+        "scope": _scope(span.instrumentation_scope),
         "pid": os.getpid(),
     }
+
+
+def _scope(scope: InstrumentationScope | None) -> dict[str, Any] | None:
+    if scope is None:
+        return None
+    return {"name": scope.name, "version": scope.version, "schema_url": scope.schema_url}
 
 
 class JsonLinesSpanExporter(SpanExporter):
@@ -187,7 +269,7 @@ class JsonLinesMetricExporter(MetricExporter):
                             "signal": "metric", "name": metric.name, "unit": metric.unit,
                             "attributes": {k: _plain(v)
                                            for k, v in (point.attributes or {}).items()},
-                            "pid": os.getpid()}
+                            "scope": _scope(scope.scope), "pid": os.getpid()}
                         if isinstance(point, HistogramDataPoint):
                             row.update(count=point.count, sum=point.sum, min=point.min,
                                        max=point.max, bucket_counts=list(point.bucket_counts),

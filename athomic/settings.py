@@ -153,15 +153,21 @@ class TelemetrySettings(_Section):
     otlp_endpoint: str | None = None
     """Collector URL; None leaves it to the exporter's own default."""
     otlp_protocol: Literal["grpc", "http/protobuf"] = "http/protobuf"
+    """Unset: ``OTEL_EXPORTER_OTLP_[TRACES_|METRICS_]PROTOCOL``, else http/protobuf."""
     file_path: Path | None = None
     """Required with ``exporter="file"``; every process appends to it."""
     service_name: str | None = None
-    """``service.name`` of athomic's own providers; None: ``lineage.service_name``."""
+    """``service.name`` of athomic's own providers; None: ``OTEL_SERVICE_NAME`` /
+    ``OTEL_RESOURCE_ATTRIBUTES``, else ``lineage.service_name``."""
     pipeline_spans: bool = False
     """INTERNAL spans around the byte stages of each batch (one per run of stages with the
     same placement)."""
     metric_export_interval_s: float = Field(60.0, gt=0, le=3600)
-    """How often athomic's own metric reader exports (flush and shutdown export too)."""
+    """How often athomic's own metric reader exports (flush and shutdown export too);
+    unset: ``OTEL_METRIC_EXPORT_INTERVAL``, else 60 s."""
+    ray_metrics: bool = False
+    """Also record the metrics through ``ray.util.metrics`` (Ray's Prometheus endpoint
+    and dashboard), with no exporter to set up."""
 
     @model_validator(mode="after")
     def _file_needs_path(self) -> TelemetrySettings:

@@ -871,7 +871,8 @@ class BucketRepublisher:
             if h.action == FINAL and h.env is not None:
                 span = spans[i] = self.telemetry.start_republish(
                     h.env.topic, h.env.headers, message_id=h.env.message_id,
-                    key=h.env.key, delay_topic=self.topic, hop=h.env.hop)
+                    key=h.env.key, delay_topic=self.topic, hop=h.env.hop,
+                    tombstone=h.env.value is None)
             try:
                 records.append(self._outgoing(part, h, span))
             except MalformedEnvelopeError as exc:  # e.g. one hop too many after a change
@@ -886,9 +887,12 @@ class BucketRepublisher:
             await self._bounded(producer.begin_transaction())
             refused: dict[int, BaseException] = {}
             for i, (topic, key, value, headers) in enumerate(records):
+                span = spans.get(i)
                 try:
-                    futures.append(_observed(await self._bounded(producer.send(
-                        topic, value, key=key, headers=headers))))
+                    # the republish span is current while the client sends the record
+                    with span.current() if span is not None else contextlib.nullcontext():
+                        futures.append(_observed(await self._bounded(producer.send(
+                            topic, value, key=key, headers=headers))))
                 except asyncio.TimeoutError:
                     raise
                 except Exception as exc:  # refused before sending (size, metadata)

@@ -3,6 +3,7 @@ a local HTTP server standing in for a collector)."""
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import json
 import sys
@@ -49,8 +50,13 @@ def reader() -> Iterator[InMemoryMetricReader]:
     provider.shutdown()
 
 
+CONN = {"messaging.system": "kafka", "server.address": "broker-1", "server.port": 9093}
+"""The connection's attributes: on every metric point."""
+
+
 def telemetry(reader: InMemoryMetricReader, **settings: Any) -> Telemetry:
-    return Telemetry(TelemetrySettings(**settings),
+    return Telemetry(TelemetrySettings(**settings), servers=["broker-1:9093", "broker-2:9093"],
+                     client_id="not-on-metrics",
                      meter_provider=reader.provider)  # type: ignore[attr-defined]
 
 
@@ -94,39 +100,37 @@ def test_publish_metrics_by_topic_outcome_priority(reader: InMemoryMetricReader)
     sent = {tuple(sorted(a.items())): p.value for a, p in got["messaging.client.sent.messages"]}
 
     def key(**attrs: Any) -> tuple[tuple[str, Any], ...]:
-        return tuple(sorted({"messaging.system": "kafka", **attrs}.items()))
+        return tuple(sorted({**CONN, "messaging.operation.name": "publish", **attrs}.items()))
 
+    # publish and publish_batch are one operation: ``publish``, as on the spans
     assert sent == {
-        key(**{"messaging.destination.name": "orders", "messaging.operation.name":
-               "publish_batch", "athomic.outcome": "success_direct",
-               "athomic.priority": "normal"}): 1,
-        key(**{"messaging.destination.name": "orders", "messaging.operation.name":
-               "publish_batch", "athomic.outcome": "failed", "athomic.priority": "normal",
-               "error.type": "PublishError"}): 1,
-        key(**{"messaging.destination.name": "orders", "messaging.operation.name":
-               "publish_batch", "athomic.outcome": "success_direct",
+        key(**{"messaging.destination.name": "orders", "athomic.outcome": "success_direct",
+               "athomic.priority": "normal"}): 2,
+        key(**{"messaging.destination.name": "orders", "athomic.outcome": "failed",
+               "athomic.priority": "normal", "error.type": "PublishError"}): 1,
+        key(**{"messaging.destination.name": "orders", "athomic.outcome": "success_direct",
                "athomic.priority": "high"}): 1,
-        key(**{"messaging.destination.name": "payments", "messaging.operation.name":
-               "publish_batch", "athomic.outcome": "success_delayed",
+        key(**{"messaging.destination.name": "payments", "athomic.outcome": "success_delayed",
                "athomic.priority": "normal"}): 1,
-        key(**{"messaging.destination.name": "orders", "messaging.operation.name": "publish",
-               "athomic.outcome": "success_direct", "athomic.priority": "normal"}): 1,
     }
-    durations = {a["messaging.operation.name"]: (a, p)
+    durations = {a.get("error.type"): (a, p)
                  for a, p in got["messaging.client.operation.duration"]}
-    batch_attrs, batch_point = durations["publish_batch"]
-    assert batch_attrs == {"messaging.system": "kafka", "messaging.operation.name":
-                           "publish_batch", "error.type": "PublishError"}  # two topics
+    batch_attrs, batch_point = durations["PublishError"]
+    assert batch_attrs == {**CONN, "messaging.operation.name": "publish",
+                           "messaging.operation.type": "send",
+                           "error.type": "PublishError"}  # two topics: no destination
     assert batch_point.count == 1 and 0 <= batch_point.sum < 5
-    assert durations["publish"][0]["messaging.destination.name"] == "orders"
-    assert 0.001 in batch_point.explicit_bounds  # semconv-like buckets, in seconds
+    assert durations[None][0] == {**CONN, "messaging.operation.name": "publish",
+                                  "messaging.operation.type": "send",
+                                  "messaging.destination.name": "orders"}
+    assert 0.001 in batch_point.explicit_bounds  # semconv buckets and finer, in seconds
     (size_attrs, size_point), = got["athomic.publish.batch.size"]
     assert size_point.count == 1 and size_point.sum == 4
-    assert size_attrs == {"messaging.system": "kafka",
-                          "messaging.operation.name": "publish_batch"}
+    assert size_attrs == {**CONN, "messaging.operation.name": "publish",
+                          "messaging.operation.type": "send"}
     (err_attrs, err_point), = got["athomic.errors"]
-    assert err_attrs == {"error.type": "PublishError", "messaging.operation.name":
-                         "publish_batch", "messaging.destination.name": "orders"}
+    assert err_attrs == {**CONN, "error.type": "PublishError", "messaging.operation.name":
+                         "publish", "messaging.destination.name": "orders"}
     assert err_point.value == 1
 
 
@@ -136,10 +140,13 @@ def test_abort_counts_the_error(reader: InMemoryMetricReader) -> None:
         SerializationError("cannot serialise"))
     got = points(reader)
     assert [(a, p.value) for a, p in got["athomic.errors"]] == [
-        ({"error.type": "SerializationError", "messaging.operation.name": "publish"}, 1)]
+        ({**CONN, "error.type": "SerializationError", "messaging.operation.name": "publish",
+          "messaging.destination.name": "t"}, 1)]
     assert "messaging.client.sent.messages" not in got  # nothing was attempted
     (attrs, _), = got["messaging.client.operation.duration"]
-    assert attrs["error.type"] == "SerializationError"
+    assert attrs == {**CONN, "messaging.operation.name": "publish",
+                     "messaging.operation.type": "send", "messaging.destination.name": "t",
+                     "error.type": "SerializationError"}
 
 
 def test_republisher_recorders(reader: InMemoryMetricReader) -> None:
@@ -156,22 +163,25 @@ def test_republisher_recorders(reader: InMemoryMetricReader) -> None:
                     operation="republish")
     got = points(reader)
     (attrs, late), = got["athomic.delay.lateness"]
-    assert attrs == {"athomic.delay.topic": "athomic.delay.10s",
+    assert attrs == {**CONN, "athomic.delay.topic": "athomic.delay.10s",
                      "messaging.destination.name": "notifications"}
     assert late.count == 2 and late.sum == pytest.approx(0.012)  # never negative
     assert late.min == 0.0 and late.max == pytest.approx(0.012)
     (attrs, held), = got["athomic.delay.held"]
-    assert attrs == {"athomic.delay.topic": "athomic.delay.10s"} and held.value == 2
+    assert attrs == {**CONN, "athomic.delay.topic": "athomic.delay.10s"} and held.value == 2
     (attrs, dlq), = got["athomic.dlq.messages"]
-    assert attrs == {"athomic.source.topic": "athomic.delay.10s",
+    assert attrs == {**CONN, "athomic.source.topic": "athomic.delay.10s",
                      "error.type": "MalformedEnvelopeError"} and dlq.value == 1
     errors = {a["error.type"]: (a, p.value) for a, p in got["athomic.errors"]}
     assert errors["MalformedEnvelopeError"] == (
-        {"error.type": "MalformedEnvelopeError", "messaging.operation.name": "republish",
-         "messaging.destination.name": "athomic.delay.10s"}, 1)
-    assert errors["TimeoutError"][1] == 1
+        {**CONN, "error.type": "MalformedEnvelopeError", "messaging.operation.name":
+         "republish", "messaging.destination.name": "athomic.delay.10s"}, 1)
+    assert errors["TimeoutError"] == (
+        {**CONN, "error.type": "TimeoutError", "messaging.operation.name": "republish"}, 1)
     (attrs, n), = got["messaging.client.sent.messages"]
-    assert attrs["messaging.operation.name"] == "republish" and n.value == 2
+    assert attrs == {**CONN, "messaging.operation.name": "republish",
+                     "messaging.destination.name": "notifications",
+                     "athomic.outcome": "success_direct"} and n.value == 2
 
 
 def test_metrics_off_records_nothing(reader: InMemoryMetricReader) -> None:
@@ -188,10 +198,22 @@ def test_metrics_off_records_nothing(reader: InMemoryMetricReader) -> None:
 
 
 def test_error_type_names() -> None:
+    from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError, NotEnoughReplicasError
+
+    from athomic._kafka import translate
+
     assert tm.error_type(PublishError("x")) == "PublishError"
     assert tm.error_type(TimeoutError()) == "TimeoutError"
     assert tm.error_type(json.JSONDecodeError("x", "", 0)) == "json.decoder.JSONDecodeError"
     assert tm.error_type("KAFKA_STORAGE_ERROR") == "KAFKA_STORAGE_ERROR"
+    # a Kafka error: its own name, raw or as the cause of the athomic error it became
+    for kafka in (KafkaTimeoutError(), NotEnoughReplicasError(), MessageSizeTooLargeError()):
+        translated = translate(kafka, topic="t")
+        assert type(translated).__module__.startswith("athomic")
+        assert tm.error_type(translated) == tm.error_type(kafka) == type(kafka).__name__
+    # ours, translated from something that is not Kafka's: ours
+    assert tm.error_type(translate(asyncio.TimeoutError(), topic="t")) == "PublishError"
+    assert tm.error_type(translate(OSError("refused"))) == "MessagingConnectionError"
 
 
 def test_attribute_names_match_the_semantic_conventions_package() -> None:
@@ -216,9 +238,12 @@ def test_attribute_names_match_the_semantic_conventions_package() -> None:
     assert (tm.SERVER_ADDRESS, tm.SERVER_PORT) == (server_attributes.SERVER_ADDRESS,
                                                    server_attributes.SERVER_PORT)
     from opentelemetry.semconv._incubating.metrics import messaging_metrics as mm
+    from opentelemetry.semconv.schemas import Schemas
 
     assert tm.M_SENT == mm.MESSAGING_CLIENT_SENT_MESSAGES
     assert tm.M_DURATION == mm.MESSAGING_CLIENT_OPERATION_DURATION
+    assert Schemas.V1_44_0.value == tm.SCHEMA_URL
+    assert tm.SCHEMA_URL.endswith("/" + tm.SEMCONV_VERSION)
 
 
 # --- settings and exporters -------------------------------------------------------------------
@@ -272,13 +297,17 @@ def test_file_exporter_writes_spans_and_metrics(tmp_path: Path) -> None:
     assert span["trace_id"] == f"{parent.get_span_context().trace_id:032x}"
     assert span["attributes"]["messaging.kafka.offset"] == 1
     assert span["resource"]["service.name"] == "orders-svc"
+    assert span["scope"] == {"name": "athomic", "version": tm.INSTRUMENTATION_VERSION,
+                             "schema_url": tm.SCHEMA_URL}
     names = {x["name"] for x in lines if x["signal"] == "metric"}
     assert {"messaging.client.sent.messages", "messaging.client.operation.duration",
             "athomic.delay.lateness"} <= names
     late = next(x for x in lines if x.get("name") == "athomic.delay.lateness")
     assert late["count"] == 1 and late["sum"] == 0.5
-    assert late["attributes"] == {"athomic.delay.topic": "d",
+    assert late["attributes"] == {"messaging.system": "kafka", "server.address": "b",
+                                  "server.port": 9092, "athomic.delay.topic": "d",
                                   "messaging.destination.name": "orders"}
+    assert late["scope"] == span["scope"]
 
 
 def test_console_exporter_builds_its_own_providers() -> None:
@@ -290,10 +319,12 @@ def test_console_exporter_builds_its_own_providers() -> None:
 
 class Collector(http.server.BaseHTTPRequestHandler):
     received: list[tuple[str, int]] = []
+    hosts: list[tuple[str, str, int]] = []
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"] or 0))
         Collector.received.append((self.path, len(body)))
+        Collector.hosts.append((self.path, *self.server.server_address[:2]))
         self.send_response(200)
         self.send_header("Content-Type", "application/x-protobuf")
         self.end_headers()
@@ -321,6 +352,38 @@ def test_otlp_exporter_sends_to_a_collector_when_installed() -> None:
         server.server_close()
     paths = {p for p, size in Collector.received if size > 0}
     assert paths == {"/v1/traces", "/v1/metrics"}
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_otlp_endpoint_from_the_environment_unless_set(explicit: bool,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no ``otlp_endpoint`` the exporter reads OTEL_EXPORTER_OTLP_ENDPOINT itself; a
+    setting given wins over it."""
+    servers = [http.server.HTTPServer(("127.0.0.1", 0), Collector) for _ in range(2)]
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
+    for thread in threads:
+        thread.start()
+    env_port, setting_port = (s.server_port for s in servers)
+    Collector.received, Collector.hosts = [], []
+    try:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{env_port}")
+        monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
+        monkeypatch.delenv("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", raising=False)
+        monkeypatch.delenv("OTEL_EXPORTER_OTLP_PROTOCOL", raising=False)
+        telemetry: dict[str, Any] = {"exporter": "otlp"}
+        if explicit:
+            telemetry["otlp_endpoint"] = f"http://127.0.0.1:{setting_port}"
+        tel = Telemetry.from_settings(MessagingSettings(telemetry=telemetry))
+        tel.start_republish("t", []).end()
+        tel.record_dlq(source_topic="d", error_type="X")
+        tel.shutdown()
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+    assert {p for p, size in Collector.received if size > 0} == {"/v1/traces", "/v1/metrics"}
+    ports = {port for _, _, port in Collector.hosts}
+    assert ports == {setting_port if explicit else env_port}
 
 
 @pytest.mark.parametrize("protocol, module", [
