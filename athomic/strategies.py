@@ -182,14 +182,15 @@ def _auto_version(message_id: str) -> bytes:
         return hashlib.sha256(message_id.encode()).digest()[:16]
 
 
-def partition_key(env: envelope.Envelope) -> bytes:
+def partition_key(env: envelope.Envelope | envelope.EnvelopeHead) -> bytes:
     """The key a record waiting in a delay topic is written with: the message's own key
     (so one key's messages share partitions and keep their order), else its id (so copies
     of one message share them)."""
     return env.key if env.key is not None else env.message_id.encode()
 
 
-def delay_headers(env: envelope.Envelope) -> list[tuple[str, bytes]]:
+def delay_headers(env: envelope.Envelope | envelope.EnvelopeHead
+                  ) -> list[tuple[str, bytes]]:
     """Headers of a record waiting in a delay topic, for operators (kcat, lag tools); the
     republisher reads only the envelope."""
     return [(H_MESSAGE_ID, env.message_id.encode()),

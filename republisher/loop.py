@@ -102,12 +102,16 @@ class Held:
     offset: int
     release_ms: int
     action: str  # CASCADE, FINAL, DEAD_LETTER or RESTAGE
-    env: envelope.Envelope | None
+    env: envelope.EnvelopeHead | None
+    """The envelope's schedule and identity (None: it could not be decoded)."""
     cascade: Cascade | None = None
     record: Any = None  # the raw record, kept only for the dead-letter path
     error: str | None = None
     spill: bool = False
     """Written once more to the end of the partition, not yet due (see _plan_commit)."""
+    data: bytes = b""
+    """The envelope as read: its headers and value are decoded only when it leaves, so a
+    held message costs little more than its bytes."""
 
     @property
     def rank(self) -> int:
@@ -167,9 +171,10 @@ class Partition:
         self.last_commit_ms = 0
         self.recent = RecentIds(dedupe_window_ms)
         self.failing: dict[int, Failing] = {}
-        self.pending_by_key: dict[bytes, set[tuple[int, int]]] = {}
-        """Key -> (due time, offset) of its messages read and not yet released: they
-        leave in that order."""
+        self.waiting_by_key: dict[bytes, set[tuple[int, int]]] = {}
+        """Key -> (due time, offset) of its messages that were due and did not go (a
+        failed attempt, a missing topic, an aborted transaction): the later messages of
+        the key wait behind them."""
 
 
 class BucketRepublisher:
@@ -441,8 +446,8 @@ class BucketRepublisher:
                 self.counts["skipped"] += 1
                 continue
             try:
-                env = envelope.decode(record.value, self.keys,
-                                      accept_unauthenticated=self.rep.accept_unauthenticated)
+                env = envelope.peek(record.value, self.keys,
+                                    accept_unauthenticated=self.rep.accept_unauthenticated)
                 if env.hold_until_ms > now + bound_ms:
                     # Nothing written into a bucket waits longer than the bucket: a
                     # larger hold would pause the partition for nothing (or forever).
@@ -461,9 +466,11 @@ class BucketRepublisher:
                 self._pause(part, record.offset, now + 50)
                 return
             tracker.read(record.offset)
-            self._push(part, self._plan(record.offset, env, now))
+            held = self._plan(record.offset, env, now)
+            held.data = record.value
+            self._push(part, held)
 
-    def _plan(self, offset: int, env: envelope.Envelope, now: int) -> Held:
+    def _plan(self, offset: int, env: envelope.EnvelopeHead, now: int) -> Held:
         """What becomes of a message read now: forwarded to a shorter bucket at its hold
         time, or released to its final topic at its due time."""
         if now >= env.deliver_at_ms:
@@ -482,8 +489,6 @@ class BucketRepublisher:
     def _push(self, part: Partition, held: Held) -> None:
         part.heap.push(held.release_ms, held)
         self.held += 1
-        if held.action == FINAL:
-            self._track(part, held)
 
     # --- claiming ------------------------------------------------------------------------
     async def _committed(self, tp: TopicPartition) -> tuple[int, str]:
@@ -662,7 +667,6 @@ class BucketRepublisher:
                                         self.near_window_s)
                 if target == self.bucket_s:
                     h.action, h.cascade = FINAL, None
-                    self._track(part, h)
                 else:
                     h.cascade = Cascade(target, now)
         due.sort(key=lambda h: (h.rank, h.release_ms, h.offset))
@@ -678,7 +682,7 @@ class BucketRepublisher:
         send: list[Held] = []
         skip: list[Held] = []
         later: list[Held] = []
-        gone: dict[bytes, int] = {}  # per key: how many of its earliest are going now
+        going: dict[bytes, set[tuple[int, int]]] = {}  # per key: what goes now
         seen: set[str] = set()
         for h in due:
             env = h.env
@@ -699,11 +703,13 @@ class BucketRepublisher:
                 continue
             key = env.key
             if key is not None:
-                self._track(part, h)
-                earlier = sorted(part.pending_by_key[key])
-                if earlier.index(_key_order(h)) != gone.get(key, 0):
+                mine = _key_order(h)
+                waiting = part.waiting_by_key.get(key)
+                if waiting and any(e < mine and e not in going.get(key, ())
+                                   for e in waiting):
                     h.release_ms = now + 50  # behind an earlier message of its key
                     later.append(h)
+                    self._track(part, h)
                     continue
             why = self.ids.verdict(env.message_id, env.version) if env.caller_id else None
             if why is not None:
@@ -719,6 +725,7 @@ class BucketRepublisher:
                 if failing.attempts < self.rep.max_attempts:
                     h.release_ms = now + self._backoff_ms(failing.attempts)
                     later.append(h)
+                    self._track(part, h)
                     continue
                 self._dead(h, f"not delivered after {failing.attempts} attempts: "
                               f"{failing.last}")
@@ -727,21 +734,21 @@ class BucketRepublisher:
                 seen.add(env.message_id)
                 send.append(h)
             if key is not None:
-                gone[key] = gone.get(key, 0) + 1
+                going.setdefault(key, set()).add(_key_order(h))
         return send, skip, later
 
     def _track(self, part: Partition, h: Held) -> None:
-        """A message on its way to its final topic, for its key's order."""
-        if h.env is not None and h.env.key is not None:
-            part.pending_by_key.setdefault(h.env.key, set()).add(_key_order(h))
+        """A message due that did not go: later ones of its key wait behind it."""
+        if h.action == FINAL and h.env is not None and h.env.key is not None:
+            part.waiting_by_key.setdefault(h.env.key, set()).add(_key_order(h))
 
     def _untrack(self, part: Partition, h: Held) -> None:
         if h.env is not None and h.env.key is not None:
-            pending = part.pending_by_key.get(h.env.key)
-            if pending is not None:
-                pending.discard(_key_order(h))
-                if not pending:
-                    del part.pending_by_key[h.env.key]
+            waiting = part.waiting_by_key.get(h.env.key)
+            if waiting is not None:
+                waiting.discard(_key_order(h))
+                if not waiting:
+                    del part.waiting_by_key[h.env.key]
 
     async def _topic_exists(self, part: Partition, topic: str) -> bool:
         """Whether a final topic exists (or, with the brokers' auto-create, now does):
@@ -817,8 +824,11 @@ class BucketRepublisher:
         point = tracker.commit_point(finishing[:lo])
         return {part.tp: OffsetAndMetadata(*point)}, [], deferred
 
-    def _outgoing(self, part: Partition, h: Held, span: RepublishSpan | None
+    def _outgoing(self, part: Partition, h: Held, span: RepublishSpan | None,
+                  full: envelope.Envelope | None
                   ) -> tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]]:
+        """The record ``h`` leaves as; ``full`` is its envelope decoded (not needed for a
+        dead letter, which goes as it was read)."""
         env = h.env
         if h.action == DEAD_LETTER or env is None:
             # The record as it was read (an undecodable one byte for byte), so it can be
@@ -830,14 +840,15 @@ class BucketRepublisher:
             if env is None:
                 rec = h.record
                 return dlq, rec.key, rec.value, [*(rec.headers or ()), *error]
-            value = envelope.encode(env, self.keys)
+            value: bytes | None = h.data
             if part.failing.get(h.offset, Failing()).dead_letter_refused:
                 # Even the dead-letter topic refused it (too large): keep the error and
                 # where the message still is, drop the bytes.
-                value = None  # type: ignore[assignment]
+                value = None
                 error[0] = (H_ERROR, error[0][1] + b" (value too large for the dead-letter "
                                                    b"topic: see the source offset)")
             return dlq, partition_key(env), value, [*delay_headers(env), *error]
+        assert full is not None
         if h.spill or h.action == CASCADE:
             if h.spill:  # the same bucket and hold, at the end of the partition
                 topic, hold = self.topic, env.hold_until_ms
@@ -845,10 +856,10 @@ class BucketRepublisher:
                 assert h.cascade is not None
                 topic = self.settings.delay_topics[h.cascade.bucket]
                 hold = h.cascade.hold_until_ms
-            nxt = env.next_hop(hold)
+            nxt = full.next_hop(hold)
             return topic, partition_key(nxt), envelope.encode(nxt, self.keys), \
                 delay_headers(nxt)
-        record = delivered_record(env)
+        record = delivered_record(full)
         headers = record.headers
         if span is not None and span.trace_headers():
             # the republish span continues the caller's trace
@@ -868,16 +879,19 @@ class BucketRepublisher:
         records = []
         for i, h in enumerate(send):
             span = None
-            if h.action == FINAL and h.env is not None:
-                span = spans[i] = self.telemetry.start_republish(
-                    h.env.topic, h.env.headers, message_id=h.env.message_id,
-                    key=h.env.key, delay_topic=self.topic, hop=h.env.hop,
-                    tombstone=h.env.value is None)
+            full = None
             try:
-                records.append(self._outgoing(part, h, span))
+                if h.env is not None and h.action != DEAD_LETTER:
+                    full = envelope.decode(h.data)  # verified when it was read
+                if h.action == FINAL and full is not None:
+                    span = spans[i] = self.telemetry.start_republish(
+                        full.topic, full.headers, message_id=full.message_id,
+                        key=full.key, delay_topic=self.topic, hop=full.hop,
+                        tombstone=full.value is None)
+                records.append(self._outgoing(part, h, span, full))
             except MalformedEnvelopeError as exc:  # e.g. one hop too many after a change
                 self._dead(h, str(exc))
-                records.append(self._outgoing(part, h, None))
+                records.append(self._outgoing(part, h, None, None))
         marker = TopicPartition(self.settings.released_topic, self._marker_partition(part.tp))
         marker_key = self._marker_key(part.tp)
         began = time.monotonic()
@@ -1036,6 +1050,7 @@ class BucketRepublisher:
             # it); the others go again soon.
             h.release_ms = retry_at if blamed or not refused else now + 50
             self._push(part, h)
+            self._track(part, h)
 
     async def _reset(self, part: Partition, note: str, *, retry: bool) -> None:
         """Drop the partition's producer and held messages; claim it again (now, or once
@@ -1057,7 +1072,7 @@ class BucketRepublisher:
             self.held -= len(part.heap)
             self.telemetry.add_delayed_held(-len(part.heap), delay_topic=self.topic)
         part.heap = DueHeap()
-        part.pending_by_key.clear()
+        part.waiting_by_key.clear()
         part.tracker = None
         part.wake_at = None
         if self.consumer is not None and part.tp in self.parts:

@@ -140,3 +140,35 @@ def test_version_1_envelopes_written_before_an_upgrade_still_decode() -> None:
     tampered[15] ^= 1
     with pytest.raises(MalformedEnvelopeError):
         decode(bytes(tampered), KEYS)
+
+
+@given(st.binary(max_size=300) | st.none(), st.binary(max_size=40) | st.none(),
+       st.lists(st.tuples(st.text(min_size=1, max_size=20), st.binary(max_size=50)),
+                max_size=10), st.booleans())
+def test_peek_is_decode_without_headers_and_value(value: bytes | None, key: bytes | None,
+                                                  headers: list[tuple[str, bytes]],
+                                                  signed: bool) -> None:
+    from athomic.envelope import peek
+
+    env = sample(value=value, key=key, headers=tuple(headers))
+    data = encode(env, KEYS if signed else None)
+    head = peek(data, KEYS if signed else None)
+    assert (head.topic, head.key, head.deliver_at_ms, head.hold_until_ms, head.hop,
+            head.priority, head.message_id, head.caller_id) == (
+        env.topic, env.key, env.deliver_at_ms, env.hold_until_ms, env.hop, env.priority,
+        env.message_id, env.caller_id)
+    assert head.version == (env.version if env.caller_id else b"\0" * 16)
+    assert head.null_value == (value is None)
+
+
+def test_peek_refuses_what_decode_refuses() -> None:
+    from athomic.envelope import peek
+
+    data = encode(sample(), KEYS)
+    for cut in range(len(data)):
+        with pytest.raises(MalformedEnvelopeError):
+            peek(data[:cut], KEYS)
+    flipped = bytearray(data)
+    flipped[-40] ^= 1
+    with pytest.raises(MalformedEnvelopeError):
+        peek(bytes(flipped), KEYS)
