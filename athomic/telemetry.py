@@ -281,18 +281,21 @@ class PublishRecorder:
     records are built from); ``done`` after the acknowledgements, ``abort`` if the call
     failed before anything was sent."""
 
-    __slots__ = ("_batch", "_groups", "_requests", "_start", "_tel", "_topics", "observe")
+    __slots__ = ("_batch", "_groups", "_metrics", "_requests", "_start", "_tel", "_topics",
+                 "observe")
 
     def __init__(self, tel: Telemetry | None, requests: list[PublishRequest],
-                 topics: Sequence[str], batch: bool) -> None:
+                 topics: Sequence[str], batch: bool, *, tracing: bool = True,
+                 metrics: bool = True) -> None:
         self._tel = tel
         self._requests = requests
         self._topics = topics
         self._batch = batch
+        self._metrics = metrics and tel is not None and tel.metrics
         self._start = time.perf_counter()
         self._groups: list[_SpanGroup] = []
         self.observe: SegmentObserver | None = None
-        if tel is not None and tel.tracer is not None:
+        if tel is not None and tel.tracer is not None and tracing:
             self._groups = tel._open_spans(requests, topics, batch)
             if tel.settings.pipeline_spans and self._groups:
                 self.observe = tel._segment_observer(self._groups[0].span)
@@ -314,7 +317,17 @@ class PublishRecorder:
         when the group changes (once per call in practice); the caller's is back on exit."""
         groups = self._groups
         if not groups:
-            yield _ignore
+            if not self._requests:
+                yield _ignore
+                return
+            # No span of athomic's here: the caller's context (of the first message; a
+            # batch has one in practice) is the current one instead.
+            callers = otel_context.attach(propagate.extract(
+                MessageHeaders(self._requests[0].headers), getter=HEADERS_GETTER))
+            try:
+                yield _ignore
+            finally:
+                otel_context.detach(callers)
             return
         if len(groups) == 1:
             only = otel_context.attach(groups[0].send_context())
@@ -380,7 +393,7 @@ class PublishRecorder:
                 if errors:
                     _fail(span, errors[0])
             span.end()
-        if tel.metrics:
+        if self._metrics:
             tel._record_publish(self._requests, self._topics, prepared, results, self._batch,
                                 seconds)
 
@@ -392,7 +405,7 @@ class PublishRecorder:
         for group in self._groups:
             _fail(group.span, exc)
             group.span.end()
-        if tel.metrics:
+        if self._metrics:
             kind = error_type(exc)
             topics = set(self._topics)
             topic = topics.pop() if len(topics) == 1 else None
@@ -557,6 +570,7 @@ class Telemetry:
             self._static[MESSAGING_CLIENT_ID] = client_id
         self.tracer: Tracer | None = None
         self._global_tracing = tracer_provider is None
+        self._global_metrics = meter_provider is None and ray_metrics is False
         if settings.traces:
             provider = tracer_provider or trace.get_tracer_provider()
             self.tracer = provider.get_tracer(INSTRUMENTATION, INSTRUMENTATION_VERSION,
@@ -621,7 +635,13 @@ class Telemetry:
         requests in ``requests``, which must be the list later published)."""
         if self.tracer is None and not self.metrics:
             return _OFF
-        return PublishRecorder(self, requests, topics, batch)
+        tracing = self.tracer is not None and self._tracing_installed()
+        metrics = self.metrics and self._metrics_installed()
+        if not tracing and not metrics:
+            # Nowhere for spans or points to go: skip their work (~16 µs a call here).
+            return PublishRecorder(None, requests, topics, batch)
+        return PublishRecorder(self, requests, topics, batch, tracing=tracing,
+                               metrics=metrics)
 
     def _open_spans(self, requests: list[PublishRequest], topics: Sequence[str],
                     batch: bool) -> list[_SpanGroup]:
@@ -765,6 +785,14 @@ class Telemetry:
             attrs[MESSAGING_KAFKA_MESSAGE_TOMBSTONE] = True
         return RepublishSpan(self.tracer.start_span(
             f"{REPUBLISH} {topic}", context=parent, kind=SpanKind.PRODUCER, attributes=attrs))
+
+    def _metrics_installed(self) -> bool:
+        """False while metric points would go nowhere: no provider of ours, no Ray
+        mirror, and no SDK installed in this process. Checked per call, as tracing is."""
+        if not self._global_metrics:
+            return True
+        return type(otel_metrics.get_meter_provider()).__name__ not in (
+            "_ProxyMeterProvider", "NoOpMeterProvider")
 
     def _tracing_installed(self) -> bool:
         """False while spans would go nowhere: no provider of ours and no SDK installed in
