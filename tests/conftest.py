@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
 import uuid
@@ -14,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import hypothesis.internal.observability  # noqa: F401  (see _collect_garbage)
+import hypothesis.internal.observability  # noqa: F401  (see integration/conftest.py)
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,16 +47,6 @@ def ray_session() -> Iterator[Any]:
                  include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
-
-
-@pytest.fixture(autouse=True)
-def _collect_garbage() -> Iterator[None]:
-    """Collect after each test: a Kafka future failed and dropped (a fenced producer's)
-    logs when collected, and collected inside pytest's own parsing of a module that logging
-    crashes Python 3.11's parser ("AST constructor recursion depth mismatch"). For the
-    same reason the modules pytest would import (and parse) late are imported first."""
-    yield
-    gc.collect()
 
 
 @pytest.fixture
