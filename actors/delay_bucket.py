@@ -103,14 +103,15 @@ class DelayBucketActor:
             os._exit(1)  # Ray restarts the actor in a fresh process
 
     async def ready(self, timeout_s: float = 60.0) -> dict[str, Any]:
-        """Wait until each partition of this replica is claimed; raise the start error
-        (ConfigurationError for a topic that would lose data or is owned by another
-        connection, MessagingConnectionError when the brokers stay away)."""
+        """Wait until each partition of this replica is claimed; raise the start error as
+        soon as the loop failed with it (ConfigurationError for a topic that would lose
+        data or is owned by another connection, MessagingConnectionError when the brokers
+        cannot be reached: the loop keeps retrying, but the caller learns it now rather
+        than at the end of ``timeout_s``)."""
         deadline = time.monotonic() + timeout_s
         rep = self.republisher
         while True:
-            if self._error is not None and (isinstance(self._error, ConfigurationError)
-                                            or time.monotonic() >= deadline):
+            if self._error is not None:
                 raise self._error
             refused = rep.refused()
             if refused:

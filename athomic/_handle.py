@@ -522,7 +522,12 @@ class ProducerFactory:
 
         With delay topics configured (and ``republisher.enabled``), the DelayBucketActors
         are started too, and this returns once they run: delay topics created, or checked
-        (ConfigurationError for one whose retention could lose messages).
+        (ConfigurationError for one whose retention could lose messages), or raises
+        MessagingConnectionError as soon as the brokers are found unreachable.
+
+        Actors already running for the connection with other settings (another file, or
+        the file changed since ``athomic up``) raise ConfigurationError naming ``athomic
+        up``, which reconciles them to the file (docs/topology.md).
         """
         settings = settings if settings is not None else MessagingSettings()
         # Surface stage and exporter problems (a custom stage that does not import, an OTLP
