@@ -25,6 +25,7 @@ from typing import Any
 
 import ray
 
+from athomic._exporters import otel_environment
 from athomic._kafka import AIOKAFKA, KafkaClients, TopicPartition
 from athomic.errors import AthomicError, ConfigurationError, MessagingConnectionError
 from athomic.republisher.schedule import Owner, decode_commit
@@ -543,8 +544,12 @@ def assess(settings: MessagingSettings, plan: Plan, actors: Sequence[Mapping[str
 def _named(name: str) -> dict[str, Any]:
     """Options every athomic actor has: found again by name from any process, outliving
     the driver that created it, restarted by Ray without limit."""
-    return {"name": name, "namespace": NAMESPACE, "lifetime": "detached",
-            "get_if_exists": True, "max_restarts": -1}
+    options: dict[str, Any] = {"name": name, "namespace": NAMESPACE, "lifetime": "detached",
+                               "get_if_exists": True, "max_restarts": -1}
+    env = otel_environment()
+    if env:  # an actor's OpenTelemetry SDK reads OTEL_* from its own environment
+        options["runtime_env"] = {"env_vars": env}
+    return options
 
 
 def ensure_ray() -> None:

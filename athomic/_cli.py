@@ -22,12 +22,13 @@ from typing import Any
 
 from athomic import __version__
 from athomic._exporters import check_exporter
+from athomic._kafka import AIOKAFKA
 from athomic.actors import topology
 from athomic.actors.delay_bucket import DelayBucketActor
 from athomic.actors.topology import DELAY, NAMESPACE, actor_names
 from athomic.errors import AthomicError, ConfigurationError
 from athomic.pipeline import Pipeline
-from athomic.republisher import dlq
+from athomic.republisher import dlq, ids
 from athomic.republisher.topics import progress
 from athomic.settings import MessagingSettings
 
@@ -235,6 +236,25 @@ def _down(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- athomic cancel: a delayed message by its id ---------------------------------------------
+def _add_cancel(sub: Any) -> None:
+    cancel = sub.add_parser(
+        "cancel", help="cancel a delayed message by the message_id it was published with "
+                       "(durable once this returns; no effect once it was delivered)")
+    _add_config(cancel)
+    cancel.add_argument("message_id", help="the message_id given to publish")
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if not settings.delay_topics:
+        raise ConfigurationError("no delay_topics configured: nothing can be cancelled")
+    asyncio.run(ids.record_cancel(settings, args.message_id, AIOKAFKA))
+    _say(f"Cancelled {args.message_id!r}: if it is still waiting at its due time, it is "
+         "not delivered.")
+    return 0
+
+
 # --- athomic status: health of the connection -----------------------------------------------
 def _add_status(sub: Any) -> None:
     status = sub.add_parser(
@@ -438,6 +458,7 @@ COMMANDS: dict[str, Command] = {
     "status": (_add_status, _status),
     "republisher": (_add_republisher, _republisher),
     "dlq": (_add_dlq, _dlq),
+    "cancel": (_add_cancel, _cancel),
 }
 """command -> (add its arguments to the subparsers, run it and return the exit code)."""
 

@@ -15,7 +15,13 @@ from typing import Any, Generic, TypeVar
 import ray
 
 from ._exporters import check_exporter
-from .actors.topology import apply_producers, apply_republisher, teardown
+from .actors.topology import (
+    NAMESPACE,
+    apply_producers,
+    apply_republisher,
+    producer_actor_name,
+    teardown,
+)
 from .context import capture, drop_invalid_traceparent
 from .envelope import MAX_HOPS
 from .errors import (
@@ -155,17 +161,18 @@ class Window:
             loop.call_soon_threadsafe(_wake, waiter)
 
 
-def _when_done(ref: Any, callback: Callable[[], None]) -> None:
-    """Call ``callback`` (on some Ray thread) once ``ref`` completes, however it ends.
+def _when_done(ref: Any, callback: Callable[[Any], None]) -> None:
+    """Call ``callback(result)`` (on some Ray thread) once ``ref`` completes, however it
+    ends (``result`` is then the error it ended with).
 
     ``ObjectRef._on_completed`` is what ``ObjectRef.future()`` is built on; called directly
     it costs next to nothing, where ``future()`` took ~40 % of a single publish round trip
     (BENCHMARKS.md). Without it (another Ray), ``future()``."""
     on_completed = getattr(ref, "_on_completed", None)
     if on_completed is not None:
-        on_completed(lambda _result: callback())
+        on_completed(callback)
     else:
-        ref.future().add_done_callback(lambda _future: callback())
+        ref.future().add_done_callback(lambda future: callback(future.exception()))
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:
@@ -236,6 +243,7 @@ class ProducerHandle:
         self._setup()
 
     def _setup(self) -> None:
+        self._gone: set[tuple[str, int]] = set()
         self._reserved = self.settings.reserved_topics()
         self._buckets = sorted(self.settings.delay_topics)
         lanes = self.settings.lanes
@@ -376,13 +384,29 @@ class ProducerHandle:
 
     def _send(self, lane: str, index: int, method: str, payload: Any, count: int) -> Any:
         window = self._windows[lane]
+        if (lane, index) in self._gone:
+            self._find_again(lane, index)
         try:
             ref = getattr(self._lanes[lane][index], method).remote(payload)
         except BaseException:
             window.give(index, count)
             raise
-        _when_done(ref, lambda: window.give(index, count))
+        _when_done(ref, lambda result: self._done(lane, index, count, result))
         return ref
+
+    def _done(self, lane: str, index: int, count: int, result: Any) -> None:
+        self._windows[lane].give(index, count)
+        if isinstance(result, ray.exceptions.RayActorError):
+            # Replaced (athomic up) or removed: the next call finds the actor by name again.
+            self._gone.add((lane, index))
+
+    def _find_again(self, lane: str, index: int) -> None:
+        name = producer_actor_name(self.settings.connection_name, lane, index)
+        try:
+            self._lanes[lane][index] = ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            return  # not there (yet): the call goes to the old handle and fails as it did
+        self._gone.discard((lane, index))
 
     def _publish(self, loop: asyncio.AbstractEventLoop | None, message: Any = None,
                  topic: Any = None, key: Any = None, headers: Any = None,

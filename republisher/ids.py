@@ -183,3 +183,34 @@ class IdLog:
         synced = self.synced_through()
         return {"ids": len(self.ids), "refused": self.refused,
                 "behind_ms": max(now - synced, 0) if synced else None}
+
+
+async def record_cancel(settings: MessagingSettings, message_id: str,
+                        clients: KafkaClients) -> None:
+    """Record a cancel in the ids topic from outside Ray (``athomic cancel``); returns
+    once the brokers acknowledged it, as ``ProducerHandle.cancel`` does."""
+    from athomic.messages import validate_message_id
+    from athomic.strategies import envelope_keys
+
+    validate_message_id(message_id)
+    producer = clients.producer(**settings.kafka_client_options(), acks="all",
+                                enable_idempotence=True)
+    try:
+        await asyncio.wait_for(producer.start(), settings.producer.connect_timeout_s)
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            await producer.stop()
+        from athomic._kafka import connection_error
+
+        raise connection_error(exc, settings.bootstrap_servers) from None
+    try:
+        event = envelope.IdEvent(envelope.CANCELLED, now_ms())
+        value = envelope.encode_id_event(message_id, event, envelope_keys(settings))
+        future = await producer.send(settings.ids_topic, value, key=message_id.encode())
+        await asyncio.wait_for(future, settings.producer.delivery_timeout_ms / 1000)
+    except Exception as exc:
+        from athomic._kafka import translate
+
+        raise translate(exc, topic=settings.ids_topic) from None
+    finally:
+        await producer.stop()

@@ -210,6 +210,7 @@ class BucketRepublisher:
         self.lateness = LatenessStats()
         self.skew = ClockSkew()
         self.skew_known = False
+        self._stamped_topics: frozenset[str] = frozenset()
         self.telemetry = Telemetry.from_settings(settings)
         self.counts = {FINAL: 0, CASCADE: 0, DEAD_LETTER: 0, RESTAGE: 0, "skipped": 0,
                        "duplicate": 0, "cancelled": 0, "replaced": 0, "aborted": 0,
@@ -233,10 +234,15 @@ class BucketRepublisher:
         await self.ids.start(counts[settings.ids_topic])
         admin = await open_admin(settings, self.clients)
         try:
-            stamp = (await admin.topic_config([self.topic], "message.timestamp.type"))
-            self.skew_known = stamp.get(self.topic) == "LogAppendTime"
+            stamps = await admin.topic_config(
+                [*settings.delay_topics.values(), settings.released_topic],
+                "message.timestamp.type")
         finally:
             await admin.close()
+        # Topics stamped with the brokers' clock (athomic creates them so): what this
+        # republisher measures its own clock against.
+        self._stamped_topics = frozenset(t for t, v in stamps.items() if v == "LogAppendTime")
+        self.skew_known = self.topic in self._stamped_topics
         self.consumer = self.clients.consumer(
             **settings.kafka_client_options(), group_id=None, enable_auto_commit=False,
             isolation_level="read_committed", auto_offset_reset="earliest",
@@ -897,6 +903,7 @@ class BucketRepublisher:
         began = time.monotonic()
         sent_ms = now_ms()
         futures: list[Any] = []
+        stamped: list[int] = []  # futures of records the brokers stamp (their clock)
         try:
             await self._bounded(producer.begin_transaction())
             refused: dict[int, BaseException] = {}
@@ -907,6 +914,8 @@ class BucketRepublisher:
                     with span.current() if span is not None else contextlib.nullcontext():
                         futures.append(_observed(await self._bounded(producer.send(
                             topic, value, key=key, headers=headers))))
+                    if topic in self._stamped_topics:
+                        stamped.append(len(futures) - 1)
                 except asyncio.TimeoutError:
                     raise
                 except Exception as exc:  # refused before sending (size, metadata)
@@ -919,6 +928,8 @@ class BucketRepublisher:
                 futures.append(_observed(await self._bounded(producer.send(
                     marker.topic, env.message_id.encode(), key=marker_key,
                     partition=marker.partition))))
+                if marker.topic in self._stamped_topics:
+                    stamped.append(len(futures) - 1)
                 if env.caller_id:  # every republisher learns it was released
                     event = envelope.IdEvent(envelope.RELEASED, sent_ms, env.deliver_at_ms,
                                              env.version)
@@ -944,11 +955,10 @@ class BucketRepublisher:
         committed = now_ms()
         self._committed_ok(part, send, skip, offsets, committed)
         self._end_spans(spans, None, results)
-        if self.skew_known:
-            for (topic, *_), meta in zip(records, results, strict=False):
-                if not isinstance(meta, BaseException) and (
-                        topic in self.settings.delay_topics.values()):
-                    self.skew.produced(sent_ms, committed, meta.timestamp)
+        for i in stamped:
+            meta = results[i]
+            if not isinstance(meta, BaseException) and meta.timestamp > 0:
+                self.skew.produced(sent_ms, committed, meta.timestamp)
         self._check_skew()
 
     def _committed_ok(self, part: Partition, send: list[Held], skip: list[Held],

@@ -422,12 +422,12 @@ class ClockSkew:
         self._keep(self._lows, broker_ms - received_ms)
 
     def estimate(self) -> float | None:
-        """The skew (broker - local, ms), or None before any sample."""
-        if not self._lows:
+        """The skew (broker - local, ms), or None before samples bound it from both sides
+        (records read long after they were written bound it loosely from below only: a
+        republisher catching up on a backlog would otherwise look far behind)."""
+        if not self._lows or not self._highs:
             return None
         low = max(self._lows)
-        if not self._highs:
-            return float(low)
         high = min(self._highs)
         if low > high:  # a clock stepped: the old samples no longer hold
             self._lows, self._highs = self._lows[-1:], self._highs[-1:]

@@ -3,6 +3,7 @@ and the republisher's progress in them, as the brokers see it."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from athomic._kafka import AIOKAFKA, KafkaAdmin, KafkaClients, TopicPartition, TopicSpec
@@ -73,11 +74,17 @@ async def ensure_topics(settings: MessagingSettings, topics: dict[float, str],
             keep_ms = round(rep.dedupe_window_s * 1000) + 3_600_000
             new.append(TopicSpec(released, rep.partitions, replication,
                                  {"retention.ms": str(keep_ms), "cleanup.policy": "delete",
-                                  "segment.ms": str(min(keep_ms, 600_000))}))
+                                  "segment.ms": str(min(keep_ms, 600_000)),
+                                  "message.timestamp.type": "LogAppendTime"}))
         await admin.create_topics(new)
         await _check_retention(admin, settings, wanted)
         counts = await admin.partition_counts(names)
-        missing = [t for t in names if t not in counts]
+        for _ in range(20):  # a topic just created may take a moment to be described
+            missing = [t for t in names if t not in counts]
+            if not missing:
+                break
+            await asyncio.sleep(0.25)
+            counts = await admin.partition_counts(names)
         if missing:
             raise ConfigurationError(f"topics {missing} could not be created")
         return counts

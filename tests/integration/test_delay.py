@@ -369,7 +369,11 @@ async def test_a_publish_retried_by_ray_or_by_its_caller_is_delivered_once(
     assert_never_early(received)
     stats = [ray.get(bucket_actor(settings, t).stats.remote())
              for t in delay_topics.values()]
-    assert sum(s["republished"]["duplicate"] for s in stats) >= 3
+    # the Ray retry's second copy, its late third one, and the caller's first version
+    # (replaced by the second before it was due)
+    dropped = sum(s["republished"]["duplicate"] + s["republished"]["replaced"]
+                  for s in stats)
+    assert dropped >= 3
 
 
 @pytest.mark.timeout(300)

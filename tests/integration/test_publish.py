@@ -340,3 +340,30 @@ async def test_actor_restart_after_kill_keeps_handle_working(producer: Any,
         by_n.setdefault(json.loads(r.value)["n"], set()).add(hdrs(r)["message-id"])
     assert sorted(by_n) == list(range(11))
     assert all(len(ids) == 1 for ids in by_n.values())
+
+
+async def test_a_handle_finds_its_lane_again_after_the_actor_was_replaced(
+        settings_factory: Any, kafka_bootstrap: str, topic: str) -> None:
+    """athomic up replaces a producer under the same name: a handle held by a driver fails
+    the calls in flight at most, then finds the new actor by name."""
+    from athomic.actors.topology import NAMESPACE, producer_actor_name
+
+    settings = settings_factory()
+    handle = ProducerFactory.create(settings)
+    assert ray.get(handle.publish.remote(topic=topic, message={"n": 0})) is \
+        PublishingOutcome.SUCCESS_DIRECT
+    old = ray.get_actor(producer_actor_name(settings.connection_name, "normal", 0),
+                        namespace=NAMESPACE)
+    ray.get(old.stop.remote())
+    ray.kill(old, no_restart=True)
+    ProducerFactory.create(settings)  # the new one, same name
+    outcomes = []
+    for n in range(1, 4):
+        try:
+            outcomes.append(ray.get(handle.publish.remote(topic=topic, message={"n": n})))
+        except ray.exceptions.RayActorError:
+            outcomes.append(None)  # the call that found the old actor gone
+    assert outcomes[-2:] == [PublishingOutcome.SUCCESS_DIRECT] * 2
+    records = await read_records(kafka_bootstrap, topic, 1 + outcomes.count(
+        PublishingOutcome.SUCCESS_DIRECT))
+    assert {json.loads(r.value)["n"] for r in records} >= {0, 2, 3}
