@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
+
+from aiokafka.partitioner import murmur2
 
 from athomic._kafka import AIOKAFKA, KafkaClients, KafkaProducer, kafka_error_name, translate
 from athomic.envelope import CANCELLED, SCHEDULED, IdEvent, encode_id_event
@@ -46,6 +48,10 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+BATCH_FROM = 8
+"""A call with this many records or more sends them as record batches."""
+
+
 class ProducerActor:
     """Publishes messages to Kafka through one idempotent aiokafka producer.
 
@@ -59,9 +65,12 @@ class ProducerActor:
 
     def __init__(self, settings: MessagingSettings, lane: str = "normal",
                  index: int = 0, stage_actors: Sequence[Any] | None = None, *,
-                 clients: KafkaClients = AIOKAFKA) -> None:
+                 clients: KafkaClients = AIOKAFKA, batch_from: int = BATCH_FROM) -> None:
         self.settings = settings
         self.clients = clients
+        self.batch_from = batch_from
+        """Calls with this many records or more send them as record batches, one per
+        partition (records of different partitions are then not sent in call order)."""
         self.lane = lane
         self.index = index
         self.pipeline = Pipeline.from_settings(settings)
@@ -72,6 +81,8 @@ class ProducerActor:
         self._keys = envelope_keys(settings)
         self.delayed = (DelayedPublishStrategy(settings, self._keys)
                         if settings.delay_topics else None)
+        self._sticky: dict[str, int] = {}
+        """Per topic, the partition the next call's records without a key go to."""
         self._final_topics: set[str] = set()
         """Final topics known to exist (a delayed message's is checked before it waits)."""
         self._producer: KafkaProducer | None = None
@@ -216,31 +227,36 @@ class ProducerActor:
         producer = await self._ensure_started()
         timeout = self.settings.producer.delivery_timeout_ms / 1000
         start = asyncio.get_running_loop().time()
-        futures: list[asyncio.Future[Any] | BaseException] = []
+        records = [record for record, _ in prepared]
         with recorder.sending() as current:
-            for i, (record, _) in enumerate(prepared):
-                current(i)  # the record's span is current while the client sends it
-                try:  # send() waits on its own bounded timeouts (metadata, buffer space)
-                    futures.append(await producer.send(
-                        record.topic, record.value, key=record.key, headers=record.headers))
-                except Exception as exc:  # e.g. metadata timeout for an unknown topic
-                    futures.append(exc)
-        waiting = [f for f in futures if not isinstance(f, BaseException)]
+            if len(records) >= self.batch_from:
+                sent = await self._send_batches(producer, records, current)
+            else:
+                sent = await self._send_each(producer, records, current)
+        waiting = list({id(s[0]): s[0] for s in sent if isinstance(s, tuple)}.values())
         if waiting:
             # asyncio.wait never cancels: a record still pending at the deadline stays with
             # the producer, which may yet deliver it; only our wait ends.
             remaining = timeout - (asyncio.get_running_loop().time() - start)
             await asyncio.wait(waiting, timeout=max(remaining, 0.001))
         results: list[Any] = []
-        for fut in futures:
-            if isinstance(fut, BaseException):
-                results.append(fut)
-            elif not fut.done():
+        for item in sent:
+            if isinstance(item, BaseException):
+                results.append(item)
+                continue
+            fut, position = item
+            if not fut.done():
                 results.append(asyncio.TimeoutError(
                     f"not acknowledged within delivery_timeout_ms="
                     f"{self.settings.producer.delivery_timeout_ms}"))
-            else:
-                results.append(fut.exception() or fut.result())
+            elif fut.exception() is not None:
+                results.append(fut.exception())
+            elif position is None:
+                results.append(fut.result())
+            else:  # a record of a batch: the batch's base offset, plus its place in it
+                meta = fut.result()
+                results.append(meta if meta is None else meta._replace(
+                    offset=meta.offset + position))
         # A delayed message with a caller-chosen id: every republisher learns which
         # publish of the id is the one to deliver (a later one replaces it).
         scheduled = [i for i, (request, result) in enumerate(zip(requests, results,
@@ -259,6 +275,86 @@ class ProducerActor:
                 if error is not None:
                     results[i] = error
         return results
+
+    @staticmethod
+    async def _send_each(producer: KafkaProducer, records: Sequence[OutgoingRecord],
+                         current: Callable[[int], None]) -> list[Any]:
+        """``send()`` per record: per record, ``(future, None)`` or the error it raised."""
+        sent: list[Any] = []
+        for i, record in enumerate(records):
+            current(i)  # the record's span is current while the client sends it
+            try:  # send() waits on its own bounded timeouts (metadata, buffer space)
+                sent.append((await producer.send(record.topic, record.value, key=record.key,
+                                                 headers=record.headers), None))
+            except Exception as exc:  # e.g. metadata timeout for an unknown topic
+                sent.append(exc)
+        return sent
+
+    async def _send_batches(self, producer: KafkaProducer,
+                            records: Sequence[OutgoingRecord],
+                            current: Callable[[int], None]) -> list[Any]:
+        """The records as one record batch per partition (``create_batch`` /
+        ``send_batch``): about half the client's work per record of ``send()``, which
+        builds a future and looks up the partition for each. Partitions are chosen as
+        Kafka's default partitioner does (murmur2 of the key); records without a key of
+        one call go to one partition (sticky, as Kafka's), the next call to the next.
+        Per record, ``(the batch's future, its place in the batch)`` or an error."""
+        sent: list[Any] = [None] * len(records)
+        groups: dict[tuple[str, int], list[int]] = {}
+        counts: dict[str, int] = {}
+        failed: dict[str, BaseException] = {}
+        for i, record in enumerate(records):
+            topic = record.topic
+            if topic not in counts:
+                try:  # waits on the client's bounded metadata timeout
+                    counts[topic] = len(await producer.partitions_for(topic))
+                except Exception as exc:  # e.g. the topic does not exist
+                    counts[topic], failed[topic] = 0, exc
+            if topic in failed:
+                sent[i] = failed[topic]
+                continue
+            if record.key is None:
+                partition = self._sticky.get(topic, 0) % counts[topic]
+            else:
+                partition = (murmur2(record.key) & 0x7FFFFFFF) % counts[topic]
+            groups.setdefault((topic, partition), []).append(i)
+        for topic in counts:
+            self._sticky[topic] = self._sticky.get(topic, 0) + 1
+        for (topic, partition), indices in groups.items():
+            batch = producer.create_batch()
+            members: list[tuple[int, int]] = []
+            for i in indices:
+                record = records[i]
+                appended = batch.append(key=record.key, value=record.value, timestamp=None,
+                                        headers=record.headers)
+                if appended is None:  # full: send it, start the next
+                    current(members[0][0])
+                    await self._submit_batch(producer, batch, topic, partition, members,
+                                             sent)
+                    batch, members = producer.create_batch(), []
+                    appended = batch.append(key=record.key, value=record.value,
+                                            timestamp=None, headers=record.headers)
+                if appended is None:  # cannot happen: a batch takes its first record
+                    sent[i] = RecordTooLargeError(  # whatever its size
+                        f"record for {topic!r} does not fit a batch", size=-1, limit=-1)
+                    continue
+                members.append((i, appended.offset))
+            if members:
+                current(members[0][0])
+                await self._submit_batch(producer, batch, topic, partition, members, sent)
+        return sent
+
+    @staticmethod
+    async def _submit_batch(producer: KafkaProducer, batch: Any, topic: str, partition: int,
+                            members: list[tuple[int, int]], sent: list[Any]) -> None:
+        try:
+            future = await producer.send_batch(batch, topic, partition=partition)
+        except Exception as exc:
+            for i, _ in members:
+                sent[i] = exc
+            return
+        for i, position in members:
+            sent[i] = (future, position)
 
     async def publish(self, request: PublishRequest) -> PublishingOutcome:
         """Publish one message; returns once the broker acknowledged it."""

@@ -95,6 +95,15 @@ class KafkaProducer(Protocol):
                    ) -> asyncio.Future[RecordMetadata]:
         """Queue a record; the returned future resolves on the broker's acknowledgement."""
 
+    def create_batch(self) -> Any:
+        """An empty record batch: ``append(key=, value=, timestamp=None, headers=)`` gives
+        the record's metadata (its ``offset`` relative to the batch) or None when full."""
+
+    async def send_batch(self, batch: Any, topic: str, *, partition: int
+                         ) -> asyncio.Future[RecordMetadata]:
+        """Queue a whole batch for one partition; the future resolves with the batch's
+        base offset on the broker's acknowledgement."""
+
     async def partitions_for(self, topic: str) -> set[int]:
         """The topic's partitions, waiting for its metadata (UnknownTopicOrPartitionError
         after ``request_timeout_ms`` when it does not exist and is not auto-created)."""

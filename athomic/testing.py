@@ -37,13 +37,14 @@ import concurrent.futures
 import dataclasses
 import datetime as dt
 import math
+import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import ray
 
@@ -120,6 +121,22 @@ class _Cancel:
     at: float
 
 
+class _Appended(NamedTuple):
+    offset: int
+
+
+class _Batch:
+    """A record batch of the recorder (aiokafka's BatchBuilder, never full)."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[bytes | None, bytes | None, Any]] = []
+
+    def append(self, *, timestamp: float | None, key: bytes | None, value: bytes | None,
+               headers: Any = ()) -> _Appended:
+        self.records.append((key, value, headers))
+        return _Appended(len(self.records) - 1)
+
+
 class _Recorder:
     """A Kafka producer (the ``KafkaProducer`` protocol) that keeps what it is sent and
     acknowledges it at once."""
@@ -148,7 +165,20 @@ class _Recorder:
         return ack
 
     async def partitions_for(self, topic: str) -> set[int]:
-        return {0}
+        return {0}  # one partition: records are kept in the order they were published
+
+    def create_batch(self) -> _Batch:
+        return _Batch()
+
+    async def send_batch(self, batch: _Batch, topic: str, *, partition: int
+                         ) -> asyncio.Future[RecordMetadata]:
+        base = len(self.sent)
+        self.sent.extend(OutgoingRecord(topic, key, value, list(headers or ()))
+                         for key, value, headers in batch.records)
+        ack: asyncio.Future[RecordMetadata] = asyncio.get_running_loop().create_future()
+        ack.set_result(RecordMetadata(topic, partition, TopicPartition(topic, partition),
+                                      base, time.time_ns() // 1_000_000, 0, 0))
+        return ack
 
     async def begin_transaction(self) -> None:
         raise NotImplementedError("the test mode records publishes; it has no transactions")
@@ -251,7 +281,9 @@ class TestProducer(ProducerHandle):
                  clock: Clock | None = None) -> None:
         settings = settings if settings is not None else MessagingSettings()
         self._recorder = _Recorder()
-        self._actor = ProducerActor(settings, clients=_RecordingClients(self._recorder))
+        # One send per record, so the recorder sees a call's records in call order.
+        self._actor = ProducerActor(settings, clients=_RecordingClients(self._recorder),
+                                    batch_from=sys.maxsize)
         self._clock = clock
         self._keys = envelope_keys(settings)
         self._delay_topics = frozenset(settings.delay_topics.values())

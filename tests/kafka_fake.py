@@ -45,7 +45,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from aiokafka.errors import (
     ConsumerStoppedError,
@@ -109,7 +109,7 @@ _MISSING: Any = object()
 
 PRODUCER_METHODS = ("start", "stop", "flush", "send", "begin_transaction",
                     "commit_transaction", "abort_transaction", "send_offsets_to_transaction",
-                    "partitions_for")
+                    "partitions_for", "send_batch")
 CONSUMER_METHODS = ("start", "stop", "assign", "assignment", "seek", "pause", "resume",
                     "paused", "position", "getmany", "beginning_offsets", "end_offsets",
                     "offsets_for_times", "highwater", "last_poll_timestamp")
@@ -184,8 +184,10 @@ class Faults:
             raise ValueError(f"unknown client method {name!r}; one of {sorted(METHODS)}")
         if name in SYNC_METHODS and (hang or delay):
             raise ValueError(f"{name} is synchronous: it can only raise")
-        if (future_never_resolves or future_raises is not None) and name != "producer.send":
-            raise ValueError("future_never_resolves/future_raises apply to producer.send")
+        if (future_never_resolves or future_raises is not None) and name not in (
+                "producer.send", "producer.send_batch"):
+            raise ValueError("future_never_resolves/future_raises apply to producer.send "
+                             "and producer.send_batch")
         fault = Fault(name, raises, times, when, hang, delay, future_never_resolves,
                       future_raises)
         self.rules.append(fault)
@@ -533,6 +535,32 @@ def _invalid_transition(source: str, target: str) -> AssertionError:
                           f"TransactionState.{target}")
 
 
+class _Appended(NamedTuple):
+    offset: int
+
+
+@dataclass
+class FakeBatch:
+    """aiokafka's BatchBuilder, as the fake needs it."""
+
+    max_bytes: int
+    records: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]], int]] = field(
+        default_factory=list)
+    size: int = 0
+
+    def append(self, *, timestamp: float | None, key: bytes | None, value: bytes | None,
+               headers: Sequence[tuple[str, bytes]] = ()) -> Any:
+        size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, list(headers))
+        if self.records and self.size + size > self.max_bytes:
+            return None
+        self.records.append((key, value, list(headers), size))
+        self.size += size
+        return _Appended(len(self.records) - 1)
+
+    def record_count(self) -> int:
+        return len(self.records)
+
+
 class FakeProducer(_Client):
     """A producer bound to a FakeKafka; transactional with ``transactional_id=``. Its
     ``state`` follows aiokafka's TransactionState names (UNINITIALIZED, READY,
@@ -626,6 +654,39 @@ class FakeProducer(_Client):
             future.set_exception(exc)
         else:
             future.set_result(metadata)
+        return future
+
+    def create_batch(self) -> FakeBatch:
+        """An empty batch (aiokafka's BatchBuilder): full once ``max_batch_size`` bytes are
+        in it (the first record always fits)."""
+        return FakeBatch(self.options.get("max_batch_size", 16384))
+
+    async def send_batch(self, batch: FakeBatch, topic: str, *, partition: int
+                         ) -> asyncio.Future[RecordMetadata]:
+        fault = await self._enter("send_batch", batch=batch, topic=topic,
+                                  partition=partition)
+        self._check_open()
+        count = await self.kafka._wait_for_topic(topic)
+        if self.transactional_id is not None and self.state != "IN_TRANSACTION":
+            raise IllegalOperation("Can't send messages while not in transaction")
+        assert 0 <= partition < count, "Unrecognized partition"
+        tp = TopicPartition(topic, partition)
+        future: asyncio.Future[RecordMetadata] = asyncio.get_running_loop().create_future()
+        if fault is not None and fault.future_never_resolves:
+            return future
+        if fault is not None and fault.future_raises is not None:
+            future.set_exception(_exception(fault.future_raises))
+            return future
+        base = None
+        try:
+            for key, value, headers, size in batch.records:
+                metadata = self._produce(tp, key, value, tuple(headers), None, size)
+                if base is None:
+                    base = metadata
+        except KafkaError as exc:
+            future.set_exception(exc)
+        else:
+            future.set_result(base)
         return future
 
     async def partitions_for(self, topic: str) -> set[int]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import ray
+from aiokafka.partitioner import DefaultPartitioner
 from helpers import create_topics, read_records
 from pydantic import BaseModel
 
@@ -104,6 +105,10 @@ async def test_async_publish_and_batch(producer: Any, kafka_bootstrap: str,
     assert len(records) == 501
     got = sorted(json.loads(r.value)["n"] for r in records)
     assert got == list(range(-1, 500))
+    # a batch goes out as record batches, partitioned as send() partitions one record
+    every = list(range(3))  # the broker's num.partitions
+    assert {r.partition for r in records} == set(every)
+    assert all(r.partition == DefaultPartitioner()(r.key, every, every) for r in records)
     # per-key order within the batch is kept
     by_key: dict[bytes, list[int]] = {}
     for r in sorted(records, key=lambda r: (r.partition, r.offset)):
@@ -195,7 +200,7 @@ async def test_factory_is_idempotent_across_processes(settings_factory: Any) -> 
 
     assert ids(a) == ids(b) == ray.get(from_task.remote(settings))
     assert len(set(ids(a))) == 2  # one HIGH, one NORMAL actor
-    with pytest.raises(ConfigurationError, match="different settings"):
+    with pytest.raises(ConfigurationError, match="run with other settings than these"):
         ProducerFactory.create(settings_factory(producer={"linger_ms": 17}))
 
 

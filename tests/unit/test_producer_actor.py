@@ -15,6 +15,7 @@ from aiokafka.errors import (
     MessageSizeTooLargeError,
     NotEnoughReplicasError,
 )
+from aiokafka.partitioner import murmur2
 from kafka_fake import FakeKafka
 
 from athomic import (
@@ -26,7 +27,7 @@ from athomic import (
     PublishingOutcome,
     RecordTooLargeError,
 )
-from athomic.actors.producer import ProducerActor
+from athomic.actors.producer import BATCH_FROM, ProducerActor
 from athomic.messages import PublishRequest, new_message_id
 
 
@@ -158,3 +159,75 @@ async def test_concurrent_first_calls_start_one_producer(kafka: FakeKafka) -> No
     outcomes = await asyncio.gather(*(a.publish(request()) for _ in range(5)))
     assert outcomes == [PublishingOutcome.SUCCESS_DIRECT] * 5
     assert sum(1 for c in kafka.clients if type(c).__name__ == "FakeProducer") == 1
+
+
+# --- calls of BATCH_FROM records or more go out as one record batch per partition ---------
+
+def partition_of(key: bytes, count: int) -> int:
+    """Kafka's default partitioner (the Java client's and aiokafka's)."""
+    return (murmur2(key) & 0x7FFFFFFF) % count
+
+
+async def test_a_large_batch_lands_where_send_would_put_it_in_key_order(
+        kafka: FakeKafka) -> None:
+    reqs = [request(key=f"k{i % 5}".encode(), value=str(i).encode()) for i in range(40)]
+    assert len(reqs) >= BATCH_FROM
+    a = actor(kafka)
+    assert await a.publish_batch(reqs) == [PublishingOutcome.SUCCESS_DIRECT] * 40
+    by_key: dict[bytes, list[int]] = {}
+    for p in range(3):
+        for r in kafka.records("orders", p):
+            assert r.key is not None and p == partition_of(r.key, 3)
+            by_key.setdefault(r.key, []).append(int(r.value))
+            assert dict(r.headers)["x-app"] == b"1"
+    assert by_key == {f"k{k}".encode(): list(range(k, 40, 5)) for k in range(5)}
+    # one request per partition, not one per record
+    sends = [c for c in kafka.calls if c[0] == "producer.send_batch"]
+    assert len(sends) == len({partition_of(f"k{k}".encode(), 3) for k in range(5)})
+
+
+async def test_records_without_a_key_stick_to_one_partition_per_call(
+        kafka: FakeKafka) -> None:
+    a = actor(kafka)
+    for call in range(3):
+        await a.publish_batch([request(key=None, value=f"{call}.{i}".encode())
+                               for i in range(BATCH_FROM)])
+    per_partition = [[r.value for r in kafka.records("orders", p)] for p in range(3)]
+    assert per_partition == [[f"{call}.{i}".encode() for i in range(BATCH_FROM)]
+                             for call in range(3)]
+
+
+async def test_a_failed_batch_fails_exactly_its_partition(kafka: FakeKafka) -> None:
+    reqs = [request(key=f"k{i}".encode()) for i in range(30)]
+    kafka.faults.add("producer.send_batch", future_raises=NotEnoughReplicasError(),
+                     when=lambda **call: call["partition"] == 1)
+    a = actor(kafka)
+    with pytest.raises(PublishError) as caught:
+        await a.publish_batch(reqs)
+    lost = {i for i, r in enumerate(reqs) if partition_of(r.key or b"", 3) == 1}
+    assert lost and set(caught.value.failures) == lost
+    assert all("NotEnoughReplicas" in why for why in caught.value.failures.values())
+    delivered = {dict(r.headers)["message-id"].decode() for r in kafka.records("orders")}
+    assert delivered == {r.message_id for i, r in enumerate(reqs) if i not in lost}
+
+
+async def test_a_missing_topic_in_a_large_batch_fails_only_its_messages(
+        kafka: FakeKafka) -> None:
+    kafka.create_topic("audit", 1)
+    reqs = [request(topic=("orders", "nowhere", "audit")[i % 3], key=f"k{i}".encode())
+            for i in range(24)]
+    a = actor(kafka)
+    with pytest.raises(PublishError) as caught:
+        await a.publish_batch(reqs)
+    assert set(caught.value.failures) == set(range(1, 24, 3))
+    assert all("'nowhere' does not exist" in why for why in caught.value.failures.values())
+    assert len(kafka.records("orders")) == len(kafka.records("audit")) == 8
+
+
+async def test_a_batch_larger_than_max_batch_size_goes_out_in_several(
+        kafka: FakeKafka) -> None:
+    a = actor(kafka, producer={"max_batch_size": 4096})
+    reqs = [request(key=b"same", value=bytes([i]) * 1000) for i in range(20)]
+    assert await a.publish_batch(reqs) == [PublishingOutcome.SUCCESS_DIRECT] * 20
+    assert [r.value for r in kafka.records("orders")] == [r.value for r in reqs]
+    assert len([c for c in kafka.calls if c[0] == "producer.send_batch"]) >= 5
