@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -43,6 +45,8 @@ from athomic.telemetry import PublishRecorder, Telemetry
 
 from .stage import StagePool
 
+log = logging.getLogger(__name__)
+
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
@@ -50,6 +54,14 @@ def now_ms() -> int:
 
 BATCH_FROM = 8
 """A call with this many records or more sends them as record batches."""
+
+
+def _lower_priority(increment: int) -> None:
+    """Lower this process's scheduling priority (raise its niceness, at most to 19)."""
+    try:
+        os.nice(increment)
+    except OSError as exc:  # e.g. a platform without it: every lane then runs alike
+        log.warning("cannot lower the actor's scheduling priority: %s", exc)
 
 
 class ProducerActor:
@@ -65,7 +77,10 @@ class ProducerActor:
 
     def __init__(self, settings: MessagingSettings, lane: str = "normal",
                  index: int = 0, stage_actors: Sequence[Any] | None = None, *,
-                 clients: KafkaClients = AIOKAFKA, batch_from: int = BATCH_FROM) -> None:
+                 clients: KafkaClients = AIOKAFKA, batch_from: int = BATCH_FROM,
+                 nice: int = 0) -> None:
+        if nice:  # a bulk lane's actor process: the HIGH lane's actors get the CPU first
+            _lower_priority(nice)
         self.settings = settings
         self.clients = clients
         self.batch_from = batch_from
@@ -458,13 +473,11 @@ class ProducerActor:
         return self._fingerprint
 
     async def stats(self) -> dict[str, Any]:
-        import os
-
         import ray
 
         actor_id = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
         return {"lane": self.lane, "index": self.index, "sent": self._sent,
-                "pid": os.getpid(), "actor_id": actor_id,
+                "pid": os.getpid(), "actor_id": actor_id, "niceness": os.nice(0),
                 "failed": self._failed, "started": self._producer is not None,
                 "time": time.time()}
 

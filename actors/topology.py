@@ -614,7 +614,9 @@ def _producer_actors(settings: MessagingSettings, stage_actors: list[Any]
         lanes[lane] = [
             remote_cls.options(**_named(producer_actor_name(settings.connection_name, lane, i)),
                                max_task_retries=-1, num_cpus=settings.lanes.actor_num_cpus,
-                               max_concurrency=10_000).remote(settings, lane, i, stage_actors)
+                               max_concurrency=10_000).remote(
+                settings, lane, i, stage_actors,
+                nice=0 if lane == "high" else settings.lanes.nice)
             for i in range(count)
         ]
     return lanes

@@ -123,6 +123,10 @@ class LaneSettings(_Section):
     sent)."""
     actor_num_cpus: float = Field(0.0, ge=0)
     """CPUs reserved per ProducerActor (0: they are I/O-bound and need no reservation)."""
+    nice: int = Field(4, ge=0, le=19)
+    """How much lower the NORMAL and LOW lanes' actor processes run than the HIGH lane's
+    (an ``os.nice`` increment; Ray starts workers at niceness 15, the most is 19): on a
+    busy node the HIGH lane's actors get the CPU first. 0 runs every lane alike."""
 
 
 class LineageSettings(_Section):

@@ -43,9 +43,19 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def spread(values: list[float]) -> str:
+    """The per-run range, as ``min-max``."""
+    return f"{min(values):.2f}-{max(values):.2f}" if values else "-"
+
+
+def load() -> float:
+    """The machine's 1-minute load average (other work sharing the cores)."""
+    return os.getloadavg()[0]
+
+
 def machine() -> dict[str, Any]:
     import platform
     import time
 
     return {"cpus": os.cpu_count(), "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M")}
+            "date": time.strftime("%Y-%m-%d %H:%M"), "load": round(load(), 1)}

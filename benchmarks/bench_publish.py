@@ -1,17 +1,18 @@
-"""Publishing benchmark: athomic against its ceilings, measured in the same run.
+"""Publishing benchmark: athomic against the floor a publish cannot go below, same run.
 
-    python benchmarks/bench_publish.py [--runs 5]
+    python benchmarks/bench_publish.py [--runs 5] [--json out.json]
 
-1. One at a time: ``ray.get(handle.publish.remote(...))`` per 1 KiB JSON message, against
-   a no-op async Ray actor call (Ray's round trip, the ceiling of any actor-based
-   publisher) and against ``await producer.send_and_wait(...)`` on a plain in-process
-   aiokafka producer (the broker's round trip).
-2. Batches: ``publish_batch`` of 1,000 messages per call, against a plain in-process
-   aiokafka producer with the same acks/idempotence sending the same bytes (serialise and
-   send all, then await all acknowledgements). athomic is measured one call at a time, and
-   with a few calls in flight (how a Ray job publishing many batches would call it).
+1. One at a time: ``ray.get(handle.publish.remote(...))`` per 1 KiB JSON message. The
+   floor is the two round trips a publish cannot avoid, measured in the same run: a no-op
+   async Ray actor call (``ray.get(noop.f.remote())``) plus ``send_and_wait`` on a plain
+   in-process aiokafka producer; floor rate = 1 / (1/no-op rate + 1/send_and_wait rate).
+2. Batches: ``publish_batch`` of 1,000 per call, one call in flight, and 3 in flight,
+   against a plain in-process aiokafka producer with the same acks/idempotence sending the
+   same messages in batches of 1,000 (serialise and ``send`` all, then await all), and
+   against the fastest aiokafka has (``create_batch``/``send_batch``, one per partition).
+3. Throughput against batch size (10 .. 5,000, 3 calls in flight), for the plot.
 
-Runs are interleaved (each run measures every variant) and each figure is the median.
+Each run measures every variant, interleaved; figures are medians with the per-run spread.
 Uses KAFKA_BOOTSTRAP when set, else starts deploy/kafka/kafka-local.
 """
 
@@ -26,8 +27,9 @@ from typing import Any
 
 import orjson
 import ray
-from _bench import kafka_and_ray, machine, median
+from _bench import kafka_and_ray, machine, median, spread
 from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import murmur2
 
 from athomic import MessagingSettings, ProducerFactory, PublishingOutcome
 
@@ -80,6 +82,54 @@ async def aiokafka_batches(bootstrap: str, topic: str, batches: int, size: int) 
         await producer.stop()
 
 
+async def aiokafka_record_batches(bootstrap: str, topic: str, batches: int, size: int
+                                  ) -> float:
+    """The fastest way aiokafka has: serialise, then one record batch (``create_batch`` /
+    ``send_batch``, up to 256 KiB) per partition, partitioned by key as ``send`` would."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
+                                enable_idempotence=True, linger_ms=0,
+                                max_batch_size=256 * 1024)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, b"warm")
+        count = len(await producer.partitions_for(topic))
+        start = time.perf_counter()
+        for b in range(batches):
+            groups: dict[int, list[tuple[bytes, bytes]]] = {}
+            for i in range(size):
+                key = f"k{i}".encode()
+                groups.setdefault((murmur2(key) & 0x7FFFFFFF) % count, []).append(
+                    (key, orjson.dumps(event(b * size + i))))
+            futures = []
+            for partition, records in groups.items():
+                batch = producer.create_batch()
+                for key, value in records:
+                    if batch.append(key=key, value=value, timestamp=None) is None:
+                        futures.append(await producer.send_batch(batch, topic,
+                                                                 partition=partition))
+                        batch = producer.create_batch()
+                        batch.append(key=key, value=value, timestamp=None)
+                futures.append(await producer.send_batch(batch, topic, partition=partition))
+            await asyncio.gather(*futures)
+        return batches * size / (time.perf_counter() - start)
+    finally:
+        await producer.stop()
+
+
+def athomic_batches(handle: Any, topic: str, batches: int, size: int, in_flight: int
+                    ) -> float:
+    start = time.perf_counter()
+    pending: list[Any] = []
+    for b in range(batches):
+        items = [{"message": event(b * size + i), "key": f"k{i}"} for i in range(size)]
+        if len(pending) >= in_flight:
+            assert ray.get(pending.pop(0))[-1] is PublishingOutcome.SUCCESS_DIRECT
+        pending.append(handle.publish_batch.remote(items, topic=topic))
+    for out in ray.get(pending):
+        assert out[-1] is PublishingOutcome.SUCCESS_DIRECT
+    return batches * size / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=5)
@@ -88,11 +138,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--in-flight", type=int, default=3,
                         help="publish_batch calls in flight in the pipelined variant")
+    parser.add_argument("--sizes", default="10,100,1000,5000",
+                        help="batch sizes for the throughput curve (empty: skip)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     results: dict[str, list[float]] = {k: [] for k in (
         "noop_actor", "aiokafka_single", "athomic_single", "aiokafka_batch",
-        "athomic_batch", "athomic_batch_pipelined")}
+        "aiokafka_record_batch", "athomic_batch", "athomic_batch_pipelined")}
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    curve: dict[int, list[float]] = {s: [] for s in sizes}
     with kafka_and_ray() as bootstrap:
         conn = f"bench{uuid.uuid4().hex[:6]}"
         handle = ProducerFactory.create(MessagingSettings(bootstrap_servers=bootstrap,
@@ -119,48 +173,50 @@ def main() -> None:
 
             results["aiokafka_batch"].append(asyncio.run(aiokafka_batches(
                 bootstrap, topic + ".rawb", args.batches, args.batch_size)))
-
-            start = time.perf_counter()
-            for b in range(args.batches):
-                items = [{"message": event(b * args.batch_size + i), "key": f"k{i}"}
-                         for i in range(args.batch_size)]
-                out = ray.get(handle.publish_batch.remote(items, topic=topic + ".athb"))
-                assert out[-1] is PublishingOutcome.SUCCESS_DIRECT
-            results["athomic_batch"].append(
-                args.batches * args.batch_size / (time.perf_counter() - start))
-
-            # the way a Ray job would publish many batches: several calls in flight
-            start = time.perf_counter()
-            pending: list[Any] = []
-            for b in range(args.batches):
-                items = [{"message": event(b * args.batch_size + i), "key": f"k{i}"}
-                         for i in range(args.batch_size)]
-                if len(pending) >= args.in_flight:
-                    ray.get(pending.pop(0))
-                pending.append(handle.publish_batch.remote(items, topic=topic + ".athp"))
-            ray.get(pending)
-            results["athomic_batch_pipelined"].append(
-                args.batches * args.batch_size / (time.perf_counter() - start))
-            print(f"run {run}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in results.items()),
-                  flush=True)
+            results["aiokafka_record_batch"].append(asyncio.run(aiokafka_record_batches(
+                bootstrap, topic + ".rawr", args.batches, args.batch_size)))
+            results["athomic_batch"].append(athomic_batches(
+                handle, topic + ".athb", args.batches, args.batch_size, 1))
+            results["athomic_batch_pipelined"].append(athomic_batches(
+                handle, topic + ".athp", args.batches, args.batch_size, args.in_flight))
+            for size in sizes:
+                batches = max(3, 20_000 // size)
+                curve[size].append(athomic_batches(handle, f"{topic}.curve{size}", batches,
+                                                   size, args.in_flight))
+            print(f"run {run}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in results.items())
+                  + "".join(f", batch {s} {curve[s][-1]:.0f}/s" for s in sizes), flush=True)
         ProducerFactory.shutdown(conn)
-    med = {k: median(v) for k, v in results.items()}
-    print(f"\nmedian of {args.runs} runs, 1 KiB JSON messages, acks=all, idempotent "
-          f"({machine()})")
-    print(f"{'variant':34} {'msg/s':>10}")
-    for k, v in med.items():
-        print(f"{k:34} {v:>10.0f}")
-    print(f"one at a time: athomic / no-op actor call   = "
-          f"{med['athomic_single'] / med['noop_actor']:.2f}  (target >= 0.8)")
-    print(f"one at a time: athomic / aiokafka send_and_wait = "
-          f"{med['athomic_single'] / med['aiokafka_single']:.2f}")
-    print(f"batches of {args.batch_size}: athomic / aiokafka = "
-          f"{med['athomic_batch'] / med['aiokafka_batch']:.2f}  (target >= 0.7)")
-    print(f"batches of {args.batch_size}, {args.in_flight} in flight: athomic / aiokafka = "
-          f"{med['athomic_batch_pipelined'] / med['aiokafka_batch']:.2f}")
+    floor = [1 / (1 / n + 1 / k) for n, k in zip(results["noop_actor"],
+                                                 results["aiokafka_single"], strict=True)]
+    ratios = {
+        "single / floor": [a / f for a, f in zip(results["athomic_single"], floor,
+                                                 strict=True)],
+        "batch / aiokafka": [a / b for a, b in zip(results["athomic_batch"],
+                                                   results["aiokafka_batch"], strict=True)],
+        f"batch, {args.in_flight} in flight / aiokafka": [
+            a / b for a, b in zip(results["athomic_batch_pipelined"],
+                                  results["aiokafka_batch"], strict=True)],
+        f"batch, {args.in_flight} in flight / aiokafka record batches": [
+            a / b for a, b in zip(results["athomic_batch_pipelined"],
+                                  results["aiokafka_record_batch"], strict=True)],
+    }
+    print(f"\n{args.runs} runs, 1 KiB JSON messages, acks=all, idempotent ({machine()})")
+    print(f"{'variant':34} {'median msg/s':>12}  per run")
+    for k, v in {**results, "floor (no-op call + send_and_wait)": floor}.items():
+        print(f"{k:34} {median(v):>12.0f}  {', '.join(f'{x:.0f}' for x in v)}")
+    for size in sizes:
+        print(f"{f'batch {size}, {args.in_flight} in flight':34} "
+              f"{median(curve[size]):>12.0f}  {', '.join(f'{x:.0f}' for x in curve[size])}")
+    targets = {"single / floor": 0.85, "batch / aiokafka": 0.7,
+               f"batch, {args.in_flight} in flight / aiokafka": 1.0}
+    for name, values in ratios.items():
+        target = f"; target >= {targets[name]}" if name in targets else ""
+        print(f"ratio {name:50} median {median(values):.2f} ({spread(values)}){target}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"runs": results, "median": med, "machine": machine()}, f, indent=2)
+            json.dump({"runs": results, "floor": floor, "ratios": ratios,
+                       "curve": {str(k): v for k, v in curve.items()},
+                       "in_flight": args.in_flight, "machine": machine()}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -937,13 +937,21 @@ class BucketRepublisher:
                         self.settings.ids_topic,
                         envelope.encode_id_event(env.message_id, event, self.keys),
                         key=env.message_id.encode()))))
-            results = await self._bounded(asyncio.gather(*futures, return_exceptions=True))
-            refused = {i: r for i, r in enumerate(results[:len(records)])
-                       if isinstance(r, BaseException)}
-            if refused or any(isinstance(r, BaseException) for r in results):
-                raise _Refused(refused) from next(r for r in results
-                                                 if isinstance(r, BaseException))
-            await self._bounded(producer.send_offsets_to_transaction(offsets, self.group_id))
+            # The offsets join the transaction while the records are acknowledged (two
+            # round trips to the coordinators that would otherwise follow the acks).
+            adding = _observed(asyncio.ensure_future(
+                producer.send_offsets_to_transaction(offsets, self.group_id)))
+            try:
+                results = await self._bounded(asyncio.gather(*futures,
+                                                             return_exceptions=True))
+                refused = {i: r for i, r in enumerate(results[:len(records)])
+                           if isinstance(r, BaseException)}
+                if refused or any(isinstance(r, BaseException) for r in results):
+                    raise _Refused(refused) from next(r for r in results
+                                                     if isinstance(r, BaseException))
+                await self._bounded(asyncio.shield(adding))
+            finally:
+                adding.cancel()  # ours only: a failed transaction is aborted below
             await self._bounded(producer.commit_transaction())
         except asyncio.CancelledError:
             self._end_spans(spans, asyncio.CancelledError())

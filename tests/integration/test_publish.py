@@ -372,3 +372,12 @@ async def test_a_handle_finds_its_lane_again_after_the_actor_was_replaced(
     records = await read_records(kafka_bootstrap, topic, 1 + outcomes.count(
         PublishingOutcome.SUCCESS_DIRECT))
     assert {json.loads(r.value)["n"] for r in records} >= {0, 2, 3}
+
+
+def test_bulk_lanes_run_at_a_lower_scheduling_priority(settings_factory: Any) -> None:
+    handle = ProducerFactory.create(settings_factory(lanes={"low": 1, "nice": 3}))
+    nice = {lane: ray.get(actors[0].stats.remote())["niceness"]
+            for lane, actors in handle._lanes.items()}
+    assert set(nice) == {"high", "normal", "low"}
+    assert nice["normal"] == nice["low"] == min(nice["high"] + 3, 19)
+    assert nice["high"] < nice["normal"]

@@ -1,0 +1,140 @@
+"""Priority benchmark: HIGH latency while the NORMAL lane floods, against HIGH unloaded.
+
+    python benchmarks/bench_priority.py [--runs 5] [--json out.json]
+
+Per run: ``--samples`` HIGH publishes one at a time (``ray.get(handle.publish.remote(...,
+priority="high"))``, 1 KiB JSON), first with nothing else running, then while a flood
+keeps 4 ``publish_batch`` calls of 1,000 NORMAL messages in flight continuously (from its
+own Ray actor process, as another job on the node would). The figure is the ratio of the
+HIGH p99 under the flood to the HIGH p99 unloaded, same run.
+
+Two handles are measured, interleaved: the default settings (the NORMAL lane's actor
+process at a lower scheduling priority, ``lanes.nice = 4``) and ``lanes.nice = 0`` (every
+lane alike), so the effect of that setting is measured, not assumed.
+Uses KAFKA_BOOTSTRAP when set, else starts deploy/kafka/kafka-local.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import ray
+from _bench import kafka_and_ray, machine, median, spread
+from bench_publish import event
+
+from athomic import MessagingSettings, ProducerFactory, PublishingOutcome
+
+FLOOD_BATCH = 1000
+FLOOD_IN_FLIGHT = 4
+
+
+@ray.remote(num_cpus=0)
+class Flood:
+    """Keeps FLOOD_IN_FLIGHT publish_batch calls of NORMAL messages in flight until
+    stopped; returns how many messages were acknowledged."""
+
+    def __init__(self, handle: Any, topic: str) -> None:
+        self.handle, self.topic = handle, topic
+        self.running = False
+        self.items = [{"message": event(i), "key": f"k{i}"} for i in range(FLOOD_BATCH)]
+
+    async def run(self) -> int:
+        self.running = True
+        sent = 0
+
+        async def one() -> None:
+            nonlocal sent
+            while self.running:
+                out = await self.handle.publish_batch(self.items, topic=self.topic)
+                assert out[-1] is PublishingOutcome.SUCCESS_DIRECT
+                sent += len(out)
+
+        await asyncio.gather(*(one() for _ in range(FLOOD_IN_FLIGHT)))
+        return sent
+
+    async def stop(self) -> None:
+        self.running = False
+
+
+def high_latencies(handle: Any, topic: str, samples: int) -> list[float]:
+    """Milliseconds per HIGH publish, one at a time."""
+    out = []
+    for i in range(samples):
+        start = time.perf_counter()
+        outcome = ray.get(handle.publish.remote(topic=topic, message=event(i), key=f"h{i}",
+                                                priority="high"))
+        out.append((time.perf_counter() - start) * 1000)
+        assert outcome is PublishingOutcome.SUCCESS_DIRECT
+    return out
+
+
+def p99(values: list[float]) -> float:
+    return float(np.percentile(values, 99))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--samples", type=int, default=1000,
+                        help="HIGH publishes per measurement")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    variants = {"nice 4 (default)": 4, "nice 0": 0}
+    lat: dict[str, dict[str, list[list[float]]]] = {
+        v: {"unloaded": [], "flood": []} for v in variants}
+    flooded: dict[str, list[float]] = {v: [] for v in variants}
+    with kafka_and_ray() as bootstrap:
+        tag = uuid.uuid4().hex[:6]
+        handles = {}
+        for v, nice in variants.items():
+            conn = f"prio{tag}{nice}"
+            handles[v] = ProducerFactory.create(MessagingSettings(
+                bootstrap_servers=bootstrap, connection_name=conn, lanes={"nice": nice}))
+            ray.get(handles[v].publish.remote(topic=f"prio.{tag}", message={"warm": 1},
+                                              priority="high"))
+            ray.get(handles[v].publish.remote(topic=f"prio.{tag}.flood", message={"warm": 1}))
+        for run in range(1, args.runs + 1):
+            for v, handle in handles.items():
+                topic = f"prio.{tag}"
+                lat[v]["unloaded"].append(high_latencies(handle, topic, args.samples))
+                flood = Flood.remote(handle, f"prio.{tag}.flood")
+                running = flood.run.remote()
+                time.sleep(2.0)  # the flood reaches its steady state
+                start = time.perf_counter()
+                lat[v]["flood"].append(high_latencies(handle, topic, args.samples))
+                ray.get(flood.stop.remote())
+                sent = ray.get(running)
+                flooded[v].append(sent / (time.perf_counter() - start + 2.0))
+                ray.kill(flood)
+                un, fl = lat[v]["unloaded"][-1], lat[v]["flood"][-1]
+                print(f"run {run} {v}: HIGH p50/p99 unloaded {np.median(un):.1f}/"
+                      f"{p99(un):.1f} ms, under flood {np.median(fl):.1f}/{p99(fl):.1f} ms "
+                      f"(ratio {p99(fl) / p99(un):.2f}); flood {flooded[v][-1]:.0f} msg/s",
+                      flush=True)
+        for handle in handles.values():
+            ProducerFactory.shutdown(handle.connection_name)
+    print(f"\n{args.runs} runs, {args.samples} HIGH publishes per measurement; flood "
+          f"{FLOOD_IN_FLIGHT} x {FLOOD_BATCH} NORMAL in flight ({machine()})")
+    ratios = {}
+    for v in variants:
+        ratios[v] = [p99(f) / p99(u) for u, f in zip(lat[v]["unloaded"], lat[v]["flood"],
+                                                    strict=True)]
+        print(f"{v:18} HIGH p99 unloaded {median([p99(x) for x in lat[v]['unloaded']]):.1f} "
+              f"ms, under flood {median([p99(x) for x in lat[v]['flood']]):.1f} ms; ratio "
+              f"median {median(ratios[v]):.2f} ({spread(ratios[v])}), worst "
+              f"{max(ratios[v]):.2f}; flood median {median(flooded[v]):.0f} msg/s")
+    print("target: ratio <= 3 in every run")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"latencies_ms": lat, "ratios": ratios, "flood_msg_s": flooded,
+                       "samples": args.samples, "machine": machine()}, f)
+
+
+if __name__ == "__main__":
+    main()
