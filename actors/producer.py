@@ -13,9 +13,17 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from aiokafka.partitioner import murmur2
-
-from athomic._kafka import AIOKAFKA, KafkaClients, KafkaProducer, kafka_error_name, translate
+from athomic._kafka import (
+    AIOKAFKA,
+    BATCH_FROM,
+    KafkaClients,
+    KafkaProducer,
+    acked,
+    kafka_error_name,
+    send_batched,
+    too_large,
+    translate,
+)
 from athomic.envelope import CANCELLED, SCHEDULED, IdEvent, encode_id_event
 from athomic.errors import (
     AthomicError,
@@ -52,8 +60,15 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-BATCH_FROM = 8
-"""A call with this many records or more sends them as record batches."""
+def _refused_in_batches(sent: list[Any]) -> list[int]:
+    """Indices of records refused as too large together with others (one batch)."""
+    members: dict[int, int] = {}
+    for item in sent:
+        if isinstance(item, tuple):
+            members[id(item[0])] = members.get(id(item[0]), 0) + 1
+    return [i for i, item in enumerate(sent)
+            if isinstance(item, tuple) and item[0].done() and members[id(item[0])] > 1
+            and item[0].exception() is not None and too_large(item[0].exception())]
 
 
 def _lower_priority(increment: int) -> None:
@@ -246,32 +261,29 @@ class ProducerActor:
         with recorder.sending() as current:
             if len(records) >= self.batch_from:
                 sent = await self._send_batches(producer, records, current)
+                await self._await_acks(sent, start, timeout)
+                # Kafka applies max.message.bytes to a record batch: records refused with
+                # others as one batch too large go again, each alone, so each is judged
+                # by its own size.
+                again = _refused_in_batches(sent)
+                if again:
+                    resent = await send_batched(
+                        producer, [(records[i].topic, records[i].key, records[i].value,
+                                    records[i].headers) for i in again],
+                        self._sticky, lambda j: current(again[j]), per_batch=1)
+                    for i, item in zip(again, resent, strict=True):
+                        sent[i] = item
             else:
                 sent = await self._send_each(producer, records, current)
-        waiting = list({id(s[0]): s[0] for s in sent if isinstance(s, tuple)}.values())
-        if waiting:
-            # asyncio.wait never cancels: a record still pending at the deadline stays with
-            # the producer, which may yet deliver it; only our wait ends.
-            remaining = timeout - (asyncio.get_running_loop().time() - start)
-            await asyncio.wait(waiting, timeout=max(remaining, 0.001))
+        await self._await_acks(sent, start, timeout)
         results: list[Any] = []
         for item in sent:
-            if isinstance(item, BaseException):
-                results.append(item)
-                continue
-            fut, position = item
-            if not fut.done():
+            if isinstance(item, tuple) and not item[0].done():
                 results.append(asyncio.TimeoutError(
                     f"not acknowledged within delivery_timeout_ms="
                     f"{self.settings.producer.delivery_timeout_ms}"))
-            elif fut.exception() is not None:
-                results.append(fut.exception())
-            elif position is None:
-                results.append(fut.result())
-            else:  # a record of a batch: the batch's base offset, plus its place in it
-                meta = fut.result()
-                results.append(meta if meta is None else meta._replace(
-                    offset=meta.offset + position))
+            else:
+                results.append(acked(item))
         # A delayed message with a caller-chosen id: every republisher learns which
         # publish of the id is the one to deliver (a later one replaces it).
         scheduled = [i for i, (request, result) in enumerate(zip(requests, results,
@@ -292,6 +304,16 @@ class ProducerActor:
         return results
 
     @staticmethod
+    async def _await_acks(sent: list[Any], start: float, timeout: float) -> None:
+        waiting = [f for f in {id(s[0]): s[0] for s in sent if isinstance(s, tuple)}.values()
+                   if not f.done()]
+        if waiting:
+            # asyncio.wait never cancels: a record still pending at the deadline stays with
+            # the producer, which may yet deliver it; only our wait ends.
+            remaining = timeout - (asyncio.get_running_loop().time() - start)
+            await asyncio.wait(waiting, timeout=max(remaining, 0.001))
+
+    @staticmethod
     async def _send_each(producer: KafkaProducer, records: Sequence[OutgoingRecord],
                          current: Callable[[int], None]) -> list[Any]:
         """``send()`` per record: per record, ``(future, None)`` or the error it raised."""
@@ -308,68 +330,10 @@ class ProducerActor:
     async def _send_batches(self, producer: KafkaProducer,
                             records: Sequence[OutgoingRecord],
                             current: Callable[[int], None]) -> list[Any]:
-        """The records as one record batch per partition (``create_batch`` /
-        ``send_batch``): about half the client's work per record of ``send()``, which
-        builds a future and looks up the partition for each. Partitions are chosen as
-        Kafka's default partitioner does (murmur2 of the key); records without a key of
-        one call go to one partition (sticky, as Kafka's), the next call to the next.
-        Per record, ``(the batch's future, its place in the batch)`` or an error."""
-        sent: list[Any] = [None] * len(records)
-        groups: dict[tuple[str, int], list[int]] = {}
-        counts: dict[str, int] = {}
-        failed: dict[str, BaseException] = {}
-        for i, record in enumerate(records):
-            topic = record.topic
-            if topic not in counts:
-                try:  # waits on the client's bounded metadata timeout
-                    counts[topic] = len(await producer.partitions_for(topic))
-                except Exception as exc:  # e.g. the topic does not exist
-                    counts[topic], failed[topic] = 0, exc
-            if topic in failed:
-                sent[i] = failed[topic]
-                continue
-            if record.key is None:
-                partition = self._sticky.get(topic, 0) % counts[topic]
-            else:
-                partition = (murmur2(record.key) & 0x7FFFFFFF) % counts[topic]
-            groups.setdefault((topic, partition), []).append(i)
-        for topic in counts:
-            self._sticky[topic] = self._sticky.get(topic, 0) + 1
-        for (topic, partition), indices in groups.items():
-            batch = producer.create_batch()
-            members: list[tuple[int, int]] = []
-            for i in indices:
-                record = records[i]
-                appended = batch.append(key=record.key, value=record.value, timestamp=None,
-                                        headers=record.headers)
-                if appended is None:  # full: send it, start the next
-                    current(members[0][0])
-                    await self._submit_batch(producer, batch, topic, partition, members,
-                                             sent)
-                    batch, members = producer.create_batch(), []
-                    appended = batch.append(key=record.key, value=record.value,
-                                            timestamp=None, headers=record.headers)
-                if appended is None:  # cannot happen: a batch takes its first record
-                    sent[i] = RecordTooLargeError(  # whatever its size
-                        f"record for {topic!r} does not fit a batch", size=-1, limit=-1)
-                    continue
-                members.append((i, appended.offset))
-            if members:
-                current(members[0][0])
-                await self._submit_batch(producer, batch, topic, partition, members, sent)
-        return sent
-
-    @staticmethod
-    async def _submit_batch(producer: KafkaProducer, batch: Any, topic: str, partition: int,
-                            members: list[tuple[int, int]], sent: list[Any]) -> None:
-        try:
-            future = await producer.send_batch(batch, topic, partition=partition)
-        except Exception as exc:
-            for i, _ in members:
-                sent[i] = exc
-            return
-        for i, position in members:
-            sent[i] = (future, position)
+        """The records as one record batch per partition (see ``send_batched``)."""
+        return await send_batched(
+            producer, [(r.topic, r.key, r.value, r.headers) for r in records],
+            self._sticky, current)
 
     async def publish(self, request: PublishRequest) -> PublishingOutcome:
         """Publish one message; returns once the broker acknowledged it."""

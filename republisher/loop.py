@@ -50,13 +50,17 @@ from typing import Any, TypeVar
 from athomic import envelope
 from athomic._kafka import (
     AIOKAFKA,
+    BATCH_FROM,
     KafkaClients,
     KafkaConsumer,
     KafkaProducer,
     OffsetAndMetadata,
     TopicPartition,
+    acked,
     classify,
     kafka_error_name,
+    send_batched,
+    too_large,
 )
 from athomic.errors import ConfigurationError, MalformedEnvelopeError
 from athomic.messages import H_ERROR, H_ERROR_SOURCE, MessageHeaders, MessagePriority
@@ -171,6 +175,10 @@ class Partition:
         self.last_commit_ms = 0
         self.recent = RecentIds(dedupe_window_ms)
         self.failing: dict[int, Failing] = {}
+        self.solo_until = 0
+        """Until then (ms), every record goes in a batch of its own: a batch was too large
+        for its topic (Kafka applies ``max.message.bytes`` to a batch), and only alone is
+        a record judged by its own size."""
         self.waiting_by_key: dict[bytes, set[tuple[int, int]]] = {}
         """Key -> (due time, offset) of its messages that were due and did not go (a
         failed attempt, a missing topic, an aborted transaction): the later messages of
@@ -211,6 +219,8 @@ class BucketRepublisher:
         self.skew = ClockSkew()
         self.skew_known = False
         self._stamped_topics: frozenset[str] = frozenset()
+        self._sticky: dict[str, int] = {}
+        """Per topic, the partition a transaction's records without a key go to."""
         self.telemetry = Telemetry.from_settings(settings)
         self.counts = {FINAL: 0, CASCADE: 0, DEAD_LETTER: 0, RESTAGE: 0, "skipped": 0,
                        "duplicate": 0, "cancelled": 0, "replaced": 0, "aborted": 0,
@@ -613,7 +623,8 @@ class BucketRepublisher:
                 batch = await reader.getmany(mtp, timeout_ms=200, max_records=10_000)
                 for record in batch.get(mtp, ()):
                     if record.key == key and record.value:
-                        part.recent.add(record.value.decode("ascii", "replace"), now)
+                        for mid in record.value.split(b"\n"):
+                            part.recent.add(mid.decode("ascii", "replace"), now)
                 start = await self._bounded(reader.position(mtp))
         finally:
             await reader.stop()
@@ -902,50 +913,61 @@ class BucketRepublisher:
         marker_key = self._marker_key(part.tp)
         began = time.monotonic()
         sent_ms = now_ms()
-        futures: list[Any] = []
-        stamped: list[int] = []  # futures of records the brokers stamp (their clock)
+        # With the records, the transaction writes the ids it releases (one record per up
+        # to _MARKER_BYTES of ids, read back after a restart) and, for a message with a
+        # caller-chosen id, an ids event (so every republisher learns it was released).
+        released: list[bytes] = []
+        for h in send:
+            env = h.env
+            if h.action != FINAL or env is None or h.spill:
+                continue
+            released.append(env.message_id.encode())
+            if env.caller_id:
+                event = envelope.IdEvent(envelope.RELEASED, sent_ms, env.deliver_at_ms,
+                                         env.version)
+                records.append((self.settings.ids_topic,
+                                env.message_id.encode(),
+                                envelope.encode_id_event(env.message_id, event, self.keys),
+                                []))
+        markers = _marker_values(released)
+        sent: list[Any] = []
         try:
             await self._bounded(producer.begin_transaction())
-            refused: dict[int, BaseException] = {}
-            for i, (topic, key, value, headers) in enumerate(records):
-                span = spans.get(i)
-                try:
-                    # the republish span is current while the client sends the record
-                    with span.current() if span is not None else contextlib.nullcontext():
-                        futures.append(_observed(await self._bounded(producer.send(
-                            topic, value, key=key, headers=headers))))
-                    if topic in self._stamped_topics:
-                        stamped.append(len(futures) - 1)
-                except asyncio.TimeoutError:
-                    raise
-                except Exception as exc:  # refused before sending (size, metadata)
-                    refused[i] = exc
-                    raise _Refused(refused) from exc
-            for h in send:
-                env = h.env
-                if h.action != FINAL or env is None or h.spill:
-                    continue
-                futures.append(_observed(await self._bounded(producer.send(
-                    marker.topic, env.message_id.encode(), key=marker_key,
-                    partition=marker.partition))))
-                if marker.topic in self._stamped_topics:
-                    stamped.append(len(futures) - 1)
-                if env.caller_id:  # every republisher learns it was released
-                    event = envelope.IdEvent(envelope.RELEASED, sent_ms, env.deliver_at_ms,
-                                             env.version)
-                    futures.append(_observed(await self._bounded(producer.send(
-                        self.settings.ids_topic,
-                        envelope.encode_id_event(env.message_id, event, self.keys),
-                        key=env.message_id.encode()))))
+            solo = part.solo_until > sent_ms
+            if solo or len(records) >= BATCH_FROM:  # one record batch per partition
+                sent = await self._bounded(send_batched(producer, records, self._sticky,
+                                                        per_batch=1 if solo else None))
+            else:
+                for i, (topic, key, value, headers) in enumerate(records):
+                    span = spans.get(i)
+                    try:
+                        # the republish span is current while the client sends the record
+                        with span.current() if span is not None else contextlib.nullcontext():
+                            sent.append((await self._bounded(producer.send(
+                                topic, value, key=key, headers=headers)), None))
+                    except asyncio.TimeoutError:
+                        raise
+                    except Exception as exc:  # refused before sending (size, metadata)
+                        sent.append(exc)
+                        break
+            futures = list({id(x[0]): _observed(x[0])
+                            for x in sent if isinstance(x, tuple)}.values())
+            failed = [x for x in sent if isinstance(x, BaseException)]
+            if failed:  # refused before sending (size, metadata): nothing is committed
+                raise _Refused({i: x for i, x in enumerate(sent[:len(send)])
+                                if isinstance(x, BaseException)}) from failed[0]
+            for value in markers:
+                sent.append((await self._bounded(producer.send(
+                    marker.topic, value, key=marker_key, partition=marker.partition)), None))
+                futures.append(_observed(sent[-1][0]))
             # The offsets join the transaction while the records are acknowledged (two
             # round trips to the coordinators that would otherwise follow the acks).
             adding = _observed(asyncio.ensure_future(
                 producer.send_offsets_to_transaction(offsets, self.group_id)))
             try:
-                results = await self._bounded(asyncio.gather(*futures,
-                                                             return_exceptions=True))
-                refused = {i: r for i, r in enumerate(results[:len(records)])
-                           if isinstance(r, BaseException)}
+                await self._bounded(asyncio.gather(*futures, return_exceptions=True))
+                results = [acked(x) for x in sent]
+                refused = self._refused(part, sent, results[:len(send)])
                 if refused or any(isinstance(r, BaseException) for r in results):
                     raise _Refused(refused) from next(r for r in results
                                                      if isinstance(r, BaseException))
@@ -963,11 +985,32 @@ class BucketRepublisher:
         committed = now_ms()
         self._committed_ok(part, send, skip, offsets, committed)
         self._end_spans(spans, None, results)
-        for i in stamped:
-            meta = results[i]
-            if not isinstance(meta, BaseException) and meta.timestamp > 0:
+        topics = [r[0] for r in records] + [marker.topic] * len(markers)
+        for topic, meta in zip(topics, results, strict=True):
+            if topic in self._stamped_topics and meta.timestamp > 0:
                 self.skew.produced(sent_ms, committed, meta.timestamp)
         self._check_skew()
+
+    @staticmethod
+    def _refused(part: Partition, sent: list[Any], results: list[Any]
+                 ) -> dict[int, BaseException]:
+        """The messages whose records failed, each to blame for its failure; except a
+        record refused with others as one batch too large for its topic: the partition
+        then sends every record alone for a while, and the retry finds the one at fault."""
+        members: dict[int, int] = {}
+        for x in sent:
+            if isinstance(x, tuple):
+                members[id(x[0])] = members.get(id(x[0]), 0) + 1
+        refused: dict[int, BaseException] = {}
+        for i, r in enumerate(results):
+            if not isinstance(r, BaseException):
+                continue
+            x = sent[i]
+            if isinstance(x, tuple) and members[id(x[0])] > 1 and too_large(r):
+                part.solo_until = now_ms() + 60_000
+                continue
+            refused[i] = r
+        return refused
 
     def _committed_ok(self, part: Partition, send: list[Held], skip: list[Held],
                       offsets: dict[TopicPartition, OffsetAndMetadata], committed: int
@@ -1155,6 +1198,24 @@ class BucketRepublisher:
             "clock_skew_ms": skew,
             "heartbeat_age_s": round(time.monotonic() - self.heartbeat, 3),
         }
+
+
+_MARKER_BYTES = 64 * 1024
+
+
+def _marker_values(ids: list[bytes]) -> list[bytes]:
+    """The released ids as records of the released-ids topic: newline-separated (an id
+    is printable ASCII), up to about _MARKER_BYTES each."""
+    values: list[bytes] = []
+    start, size = 0, 0
+    for i, mid in enumerate(ids):
+        if size and size + len(mid) + 1 > _MARKER_BYTES:
+            values.append(b"\n".join(ids[start:i]))
+            start, size = i, 0
+        size += len(mid) + 1
+    if start < len(ids):
+        values.append(b"\n".join(ids[start:]))
+    return values
 
 
 def _key_order(h: Held) -> tuple[int, int]:

@@ -539,6 +539,11 @@ class _Appended(NamedTuple):
     offset: int
 
 
+BATCH_OVERHEAD = 61
+"""Bytes of a record batch's header (Kafka's v2 format; aiokafka's size estimate of one
+record includes it)."""
+
+
 @dataclass
 class FakeBatch:
     """aiokafka's BatchBuilder, as the fake needs it."""
@@ -676,6 +681,13 @@ class FakeProducer(_Client):
             return future
         if fault is not None and fault.future_raises is not None:
             future.set_exception(_exception(fault.future_raises))
+            return future
+        # The broker takes or refuses a batch whole, and judges max.message.bytes against
+        # the batch, not against each record.
+        limit = int(self.kafka._configs[topic].get("max.message.bytes",
+                                                   self.kafka.max_message_bytes))
+        if BATCH_OVERHEAD + sum(r[3] - BATCH_OVERHEAD for r in batch.records) > limit:
+            future.set_exception(MessageSizeTooLargeError())
             return future
         base = None
         try:

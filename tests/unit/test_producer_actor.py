@@ -231,3 +231,19 @@ async def test_a_batch_larger_than_max_batch_size_goes_out_in_several(
     assert await a.publish_batch(reqs) == [PublishingOutcome.SUCCESS_DIRECT] * 20
     assert [r.value for r in kafka.records("orders")] == [r.value for r in reqs]
     assert len([c for c in kafka.calls if c[0] == "producer.send_batch"]) >= 5
+
+
+async def test_a_batch_too_large_for_its_topic_fails_only_the_record_too_large(
+        kafka: FakeKafka) -> None:
+    """Kafka applies max.message.bytes to a record batch, not to each record."""
+    kafka.create_topic("small", 1, {"max.message.bytes": "2000"})
+    reqs = [request(topic="small", key=f"k{i}".encode(), value=bytes([i]) * 200)
+            for i in range(20)]
+    reqs[7] = request(topic="small", key=b"big", value=b"x" * 2500)
+    a = actor(kafka)
+    with pytest.raises(PublishError) as caught:
+        await a.publish_batch(reqs)
+    assert set(caught.value.failures) == {7}
+    assert "MessageSizeTooLarge" in caught.value.failures[7]
+    assert [r.value for r in kafka.records("small")] == [
+        r.value for i, r in enumerate(reqs) if i != 7]

@@ -185,6 +185,43 @@ async def test_a_restarted_republisher_still_knows_what_it_released(kafka: FakeK
     assert ids(delivered(kafka)) == [req.message_id]
 
 
+async def test_a_restart_knows_every_id_of_a_large_transaction(kafka: FakeKafka) -> None:
+    s = settings()
+    reqs = [request(delay_s=0.2, key=f"k{i}".encode()) for i in range(40)]
+    for req in reqs:
+        topic = await publish(kafka, s, req)
+    async with running(s, kafka, topic) as rep:
+        await until(lambda: len(delivered(kafka)) == 40)
+        assert rep.counts["final"] == 40
+    # released in one or a few transactions, each naming its ids in one record
+    assert 1 <= len(kafka.records(s.released_topic)) < 40
+    for req in reqs:  # copies, after the restart
+        await publish(kafka, s, req, now=time.time() + 5)
+    async with running(s, kafka, topic) as rep:
+        await until(lambda: rep.counts["duplicate"] == 40)
+    assert sorted(ids(delivered(kafka))) == sorted(r.message_id for r in reqs)
+
+
+async def test_a_batch_too_large_for_its_topic_is_split_and_only_the_large_one_is_dead(
+        kafka: FakeKafka) -> None:
+    """Kafka applies max.message.bytes to a record batch: a batch refused as too large is
+    not every record's fault."""
+    s = settings(republisher={"max_attempts": 2})
+    kafka.create_topic("small", 1, {"max.message.bytes": "2000"})
+    small = [request("small", delay_s=0.2, value=bytes([i]) * 200, key=f"s{i}".encode())
+             for i in range(20)]
+    big = request("small", delay_s=0.2, value=b"x" * 2500, key=b"big")
+    for req in [*small[:10], big, *small[10:]]:
+        topic = await publish(kafka, s, req)
+    async with running(s, kafka, topic):
+        await until(lambda: len(delivered(kafka, "small")) == 20
+                    and len(delivered(kafka, "dlq")) == 1)
+    assert sorted(ids(delivered(kafka, "small"))) == sorted(r.message_id for r in small)
+    (dead,) = delivered(kafka, "dlq")
+    assert decode(dead.value).message_id == big.message_id
+    assert b"MessageSizeTooLarge" in dict(dead.headers)["athomic-error"]
+
+
 async def test_layout_changes_2_3_1_during_traffic_deliver_each_message_once() -> None:
     kafka = FakeKafka()
     kafka.create_topic("final", 3)
