@@ -32,9 +32,17 @@ lint:
 typecheck:
 	.ci/typecheck
 
+BENCH_JSON = bench_publish bench_priority bench_delay bench_out_of_order bench_datasink
+BENCH_PLAIN = bench_pipeline bench_telemetry
+
 bench: setup
-	cd benchmarks && for b in bench_publish bench_delay bench_pipeline bench_telemetry; do \
-	  $(PYTHON) $$b.py || exit 1; done
+	mkdir -p benchmarks/results
+	cd benchmarks && for b in $(BENCH_JSON); do \
+	  $(PYTHON) $$b.py --json results/$$b.json || exit 1; done
+	cd benchmarks && for b in $(BENCH_PLAIN); do $(PYTHON) $$b.py || exit 1; done
+	$(PYTHON) benchmarks/plots.py --publish benchmarks/results/bench_publish.json \
+	  --priority benchmarks/results/bench_priority.json \
+	  --delay benchmarks/results/bench_delay.json
 
 kafka-start:
 	$(KAFKA_LOCAL) start

@@ -16,6 +16,7 @@ from typing import Any
 from athomic._kafka import (
     AIOKAFKA,
     BATCH_FROM,
+    Batching,
     KafkaClients,
     KafkaProducer,
     acked,
@@ -111,8 +112,7 @@ class ProducerActor:
         self._keys = envelope_keys(settings)
         self.delayed = (DelayedPublishStrategy(settings, self._keys)
                         if settings.delay_topics else None)
-        self._sticky: dict[str, int] = {}
-        """Per topic, the partition the next call's records without a key go to."""
+        self._batching = Batching()
         self._final_topics: set[str] = set()
         """Final topics known to exist (a delayed message's is checked before it waits)."""
         self._producer: KafkaProducer | None = None
@@ -270,7 +270,7 @@ class ProducerActor:
                     resent = await send_batched(
                         producer, [(records[i].topic, records[i].key, records[i].value,
                                     records[i].headers) for i in again],
-                        self._sticky, lambda j: current(again[j]), per_batch=1)
+                        self._batching, lambda j: current(again[j]), per_batch=1)
                     for i, item in zip(again, resent, strict=True):
                         sent[i] = item
             else:
@@ -333,7 +333,7 @@ class ProducerActor:
         """The records as one record batch per partition (see ``send_batched``)."""
         return await send_batched(
             producer, [(r.topic, r.key, r.value, r.headers) for r in records],
-            self._sticky, current)
+            self._batching, current)
 
     async def publish(self, request: PublishRequest) -> PublishingOutcome:
         """Publish one message; returns once the broker acknowledged it."""

@@ -49,6 +49,7 @@ from .errors import (
 
 __all__ = [
     "AIOKAFKA",
+    "Batching",
     "Fault",
     "KafkaAdmin",
     "KafkaClients",
@@ -215,15 +216,33 @@ def partition_for_key(key: bytes, count: int) -> int:
     return int(murmur2(key) & 0x7FFFFFFF) % count
 
 
+class Batching:
+    """What ``send_batched`` keeps between the calls on one producer: per topic, the
+    partition records without a key go to next; per partition, a lock. (aiokafka's
+    ``send_batch`` waits for the partition's pending batch to be sent; with several calls
+    waiting, its timeout shrinks faster than time passes and it gives up with
+    KafkaTimeoutError, so calls take turns per partition.)"""
+
+    def __init__(self) -> None:
+        self.sticky: dict[str, int] = {}
+        self._locks: dict[tuple[str, int], asyncio.Lock] = {}
+
+    def lock(self, topic: str, partition: int) -> asyncio.Lock:
+        found = self._locks.get((topic, partition))
+        if found is None:
+            found = self._locks[(topic, partition)] = asyncio.Lock()
+        return found
+
+
 async def send_batched(producer: KafkaProducer, records: Sequence[Outgoing],
-                       sticky: dict[str, int],
+                       batching: Batching,
                        before: Callable[[int], None] | None = None, *,
                        per_batch: int | None = None) -> list[Sent]:
     """Send ``records`` as one record batch per partition (``create_batch`` /
     ``send_batch``): about half the client's work per record of ``send()``, which builds a
     future and looks up the partition for each. Partitions are chosen as ``send()`` chooses
     them (murmur2 of the key); records without a key go to one partition per call and
-    topic (sticky, as Kafka's), the next call to the next (``sticky`` keeps the place).
+    topic (sticky, as Kafka's), the next call to the next (``batching`` keeps the place).
     ``before(i)`` runs before the batch whose first record is ``records[i]`` is sent.
     Records of one partition keep their order; records of different partitions may be
     sent in another order than given. ``per_batch`` caps the records of a batch (1: each
@@ -242,11 +261,11 @@ async def send_batched(producer: KafkaProducer, records: Sequence[Outgoing],
         if topic in failed:
             sent[i] = failed[topic]
             continue
-        partition = (sticky.get(topic, 0) % counts[topic] if key is None
+        partition = (batching.sticky.get(topic, 0) % counts[topic] if key is None
                      else partition_for_key(key, counts[topic]))
         groups.setdefault((topic, partition), []).append(i)
     for topic in counts:
-        sticky[topic] = sticky.get(topic, 0) + 1
+        batching.sticky[topic] = batching.sticky.get(topic, 0) + 1
     for (topic, partition), indices in groups.items():
         batch = producer.create_batch()
         members: list[tuple[int, int]] = []
@@ -256,23 +275,26 @@ async def send_batched(producer: KafkaProducer, records: Sequence[Outgoing],
             appended = None if full else batch.append(key=key, value=value, timestamp=None,
                                                       headers=headers)
             if appended is None:  # full: send it, start the next (which takes any record)
-                await _submit(producer, batch, topic, partition, members, sent, before)
+                await _submit(producer, batching, batch, topic, partition, members, sent,
+                              before)
                 batch, members = producer.create_batch(), []
                 appended = batch.append(key=key, value=value, timestamp=None,
                                         headers=headers)
             members.append((i, appended.offset))
         if members:
-            await _submit(producer, batch, topic, partition, members, sent, before)
+            await _submit(producer, batching, batch, topic, partition, members, sent,
+                              before)
     return sent
 
 
-async def _submit(producer: KafkaProducer, batch: Any, topic: str, partition: int,
-                  members: list[tuple[int, int]], sent: list[Sent],
+async def _submit(producer: KafkaProducer, batching: Batching, batch: Any, topic: str,
+                  partition: int, members: list[tuple[int, int]], sent: list[Sent],
                   before: Callable[[int], None] | None) -> None:
     if before is not None:
         before(members[0][0])
     try:
-        future = await producer.send_batch(batch, topic, partition=partition)
+        async with batching.lock(topic, partition):
+            future = await producer.send_batch(batch, topic, partition=partition)
     except Exception as exc:
         for i, _ in members:
             sent[i] = exc

@@ -794,6 +794,11 @@ class Telemetry:
         return type(otel_metrics.get_meter_provider()).__name__ not in (
             "_ProxyMeterProvider", "NoOpMeterProvider")
 
+    def tracing(self) -> bool:
+        """Whether spans made now would go anywhere (checked once per batch of work: the
+        check reads the environment)."""
+        return self.tracer is not None and self._tracing_installed()
+
     def _tracing_installed(self) -> bool:
         """False while spans would go nowhere: no provider of ours and no SDK installed in
         this process (the API's default). Checked per call, since an application may

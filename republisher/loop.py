@@ -51,6 +51,7 @@ from athomic import envelope
 from athomic._kafka import (
     AIOKAFKA,
     BATCH_FROM,
+    Batching,
     KafkaClients,
     KafkaConsumer,
     KafkaProducer,
@@ -175,6 +176,7 @@ class Partition:
         self.last_commit_ms = 0
         self.recent = RecentIds(dedupe_window_ms)
         self.failing: dict[int, Failing] = {}
+        self.batching = Batching()
         self.solo_until = 0
         """Until then (ms), every record goes in a batch of its own: a batch was too large
         for its topic (Kafka applies ``max.message.bytes`` to a batch), and only alone is
@@ -219,8 +221,6 @@ class BucketRepublisher:
         self.skew = ClockSkew()
         self.skew_known = False
         self._stamped_topics: frozenset[str] = frozenset()
-        self._sticky: dict[str, int] = {}
-        """Per topic, the partition a transaction's records without a key go to."""
         self.telemetry = Telemetry.from_settings(settings)
         self.counts = {FINAL: 0, CASCADE: 0, DEAD_LETTER: 0, RESTAGE: 0, "skipped": 0,
                        "duplicate": 0, "cancelled": 0, "replaced": 0, "aborted": 0,
@@ -894,13 +894,14 @@ class BucketRepublisher:
         assert producer is not None and part.tracker is not None
         spans: dict[int, RepublishSpan] = {}
         records = []
+        traced = self.telemetry.tracing()
         for i, h in enumerate(send):
             span = None
             full = None
             try:
                 if h.env is not None and h.action != DEAD_LETTER:
                     full = envelope.decode(h.data)  # verified when it was read
-                if h.action == FINAL and full is not None:
+                if traced and h.action == FINAL and full is not None:
                     span = spans[i] = self.telemetry.start_republish(
                         full.topic, full.headers, message_id=full.message_id,
                         key=full.key, delay_topic=self.topic, hop=full.hop,
@@ -935,7 +936,7 @@ class BucketRepublisher:
             await self._bounded(producer.begin_transaction())
             solo = part.solo_until > sent_ms
             if solo or len(records) >= BATCH_FROM:  # one record batch per partition
-                sent = await self._bounded(send_batched(producer, records, self._sticky,
+                sent = await self._bounded(send_batched(producer, records, part.batching,
                                                         per_batch=1 if solo else None))
             else:
                 for i, (topic, key, value, headers) in enumerate(records):
