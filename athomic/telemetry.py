@@ -194,6 +194,9 @@ def _key_text(key: bytes | str | None) -> str | None:
 
 
 # --- spans --------------------------------------------------------------------------------
+_RECHECK_S = 0.5
+"""While no OpenTelemetry SDK is installed, how often to look again for one."""
+
 class RepublishSpan:
     """The PRODUCER span of one republished message (``Telemetry.start_republish``).
 
@@ -571,6 +574,8 @@ class Telemetry:
         self.tracer: Tracer | None = None
         self._global_tracing = tracer_provider is None
         self._global_metrics = meter_provider is None and ray_metrics is False
+        self._sdk_tracing = self._sdk_metrics = False
+        self._tracing_checked = self._metrics_checked = 0.0
         if settings.traces:
             provider = tracer_provider or trace.get_tracer_provider()
             self.tracer = provider.get_tracer(INSTRUMENTATION, INSTRUMENTATION_VERSION,
@@ -788,11 +793,18 @@ class Telemetry:
 
     def _metrics_installed(self) -> bool:
         """False while metric points would go nowhere: no provider of ours, no Ray
-        mirror, and no SDK installed in this process. Checked per call, as tracing is."""
+        mirror, and no SDK installed in this process. Checked as tracing is."""
         if not self._global_metrics:
             return True
-        return type(otel_metrics.get_meter_provider()).__name__ not in (
+        if self._sdk_metrics:
+            return True
+        now = time.monotonic()
+        if now < self._metrics_checked:
+            return False
+        self._metrics_checked = now + _RECHECK_S
+        self._sdk_metrics = type(otel_metrics.get_meter_provider()).__name__ not in (
             "_ProxyMeterProvider", "NoOpMeterProvider")
+        return self._sdk_metrics
 
     def tracing(self) -> bool:
         """Whether spans made now would go anywhere (checked once per batch of work: the
@@ -806,8 +818,16 @@ class Telemetry:
         per delayed message would cost."""
         if not self._global_tracing:
             return True
-        return not isinstance(trace.get_tracer_provider(),
-                              (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
+        if self._sdk_tracing:  # a global provider, once set, stays
+            return True
+        now = time.monotonic()
+        if now < self._tracing_checked:
+            return False
+        # The check reads the environment (~1 µs): at most every _RECHECK_S while none.
+        self._tracing_checked = now + _RECHECK_S
+        self._sdk_tracing = not isinstance(
+            trace.get_tracer_provider(), (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
+        return self._sdk_tracing
 
     @contextlib.contextmanager
     def republish_span(self, topic: str, headers: Any, *, message_id: str | None = None,
