@@ -250,12 +250,21 @@ def _parse(data: bytes, keys: EnvelopeKeys | None, accept_unauthenticated: bool,
         if count > MAX_HEADERS:
             raise MalformedEnvelopeError(f"envelope has {count} headers (max {MAX_HEADERS})")
         headers = []
-        for _ in range(count):
-            if full:
-                raw, pos = _field(buf, pos, _U16, "header key")
-                header_value, pos = _field(buf, pos, _U32, "header value")
-                headers.append((raw.decode(), header_value))
-            else:
+        if full:
+            # inline _field (the loop runs for every header of every released message)
+            u16, u32 = _U16.unpack_from, _U32.unpack_from
+            for _ in range(count):
+                (n,) = u16(buf, pos)
+                end = pos + 2 + n
+                (m,) = u32(buf, end)
+                stop = end + 4 + m
+                if stop > size:
+                    raise MalformedEnvelopeError(
+                        f"envelope truncated in a header: needs {stop - size} more bytes")
+                headers.append((buf[pos + 2:end].decode(), buf[end + 4:stop]))
+                pos = stop
+        else:
+            for _ in range(count):
                 pos = _skip(buf, _skip(buf, pos, _U16, "header key"), _U32, "header value")
         value = None
         if not flags & _F_NULL_VALUE:

@@ -94,10 +94,13 @@ def final_headers(request: PublishRequest, encoded: Encoded) -> list[tuple[str, 
     return headers
 
 
+_RESTAMPED = frozenset({H_DELIVER_AT, H_HOP})
+
+
 def delivered_record(env: envelope.Envelope) -> OutgoingRecord:
     """The final record of a delayed message the republisher releases: the record a direct
     publish would have written, with its due time and the delay topics it passed."""
-    headers = [h for h in env.headers if h[0] not in (H_DELIVER_AT, H_HOP)]
+    headers = [h for h in env.headers if h[0] not in _RESTAMPED]
     headers.append((H_DELIVER_AT, str(env.deliver_at_ms).encode()))
     headers.append((H_HOP, str(env.hop).encode()))
     return OutgoingRecord(env.topic, env.key, env.value, headers)
