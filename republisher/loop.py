@@ -1130,6 +1130,9 @@ class BucketRepublisher:
         part.retry_at = now_ms() + round(1000 * delay * random.uniform(0.5, 1.0))
 
     async def _drop(self, part: Partition) -> None:
+        # Not read from here any more (records fetched meanwhile are ignored), even while
+        # the producer below stops; the caller says what the partition is now.
+        part.state = RELEASED
         if len(part.heap):  # dropped here, read again from the committed progress
             self.held -= len(part.heap)
             self.telemetry.add_delayed_held(-len(part.heap), delay_topic=self.topic)
