@@ -16,12 +16,16 @@ from typing import Any
 import kafka_local
 import pytest
 import ray
-from conftest import KAFKA_LOCAL, TEST_PORT
 from helpers import create_topics, read_records
 
 from athomic import ProducerFactory, PublishError, PublishingOutcome
 
 pytestmark = pytest.mark.integration
+
+# The session broker's script and port, as tests/conftest.py sets them up (a conftest is
+# not importable by name: pytest loads each directory's conftest as its own module).
+KAFKA_LOCAL = kafka_local.SCRIPT
+TEST_PORT = int(os.environ.get("ATHOMIC_TEST_KAFKA_PORT", "19092"))
 
 
 def test_start_twice_is_safe(kafka_bootstrap: str) -> None:
