@@ -210,6 +210,14 @@ def peek(data: bytes, keys: EnvelopeKeys | None = None, *,
     return head
 
 
+def head(env: Envelope) -> EnvelopeHead:
+    """The head ``peek`` gives of ``env``'s bytes (for an envelope decoded in full)."""
+    return EnvelopeHead(sys.intern(env.topic), env.key, env.deliver_at_ms, env.hold_until_ms,
+                        env.published_ms, env.hop, env.priority, env.message_id,
+                        env.version if env.caller_id else _NO_VERSION, env.caller_id,
+                        env.value is None)
+
+
 def _parse(data: bytes, keys: EnvelopeKeys | None, accept_unauthenticated: bool, *,
            full: bool) -> Envelope | EnvelopeHead:
     if not isinstance(data, (bytes, bytearray)) or len(data) < _FIXED_V1.size:

@@ -61,9 +61,9 @@ async def one(bootstrap: str, n: int, mode: str) -> dict[str, Any]:
         await producer.publish_batch(reqs)
     await producer.stop()
     worker = DelayBucketActor(settings, topic, autostart=False)
-    original = loop.DueHeap.items
+    original = loop.HeldStore.restageable
     if mode == "defer":
-        loop.DueHeap.items = lambda self: []  # type: ignore[method-assign]
+        loop.HeldStore.restageable = lambda self, hot: []  # type: ignore[method-assign]
     try:
         task = asyncio.create_task(worker.run_forever())
         await worker.ready(60)
@@ -75,7 +75,7 @@ async def one(bootstrap: str, n: int, mode: str) -> dict[str, Any]:
         rep.stop()
         await task
     finally:
-        loop.DueHeap.items = original  # type: ignore[method-assign]
+        loop.HeldStore.restageable = original  # type: ignore[method-assign]
     return {"mode": mode, "messages": n, "early_half": early,
             "released": stats["republished"]["final"],
             "restaged": stats["republished"]["restage"],

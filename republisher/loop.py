@@ -14,12 +14,14 @@ partition another connection owns. Fenced later, it claims again only when no ne
 
 **Release.** A partition is read with ``read_committed``; while its head is not due within
 the near window it is paused (no busy polling). Read messages wait in the partition's
-due-time heap; when due, a message moves on to a shorter bucket or to its final topic, in
-one Kafka transaction with the consumed offsets (per partition, at most every
-``linger_ms``). A message reaching its due time in a bucket its planned path does not end
-in (a backlog) first moves to its *release bucket*: every copy of a message (a publish
-retried by Ray or by its caller) is released from the same partition, which releases a
-message id once (``RecentIds``, restored from the released-ids topic after a restart).
+``HeldStore`` (those due in more than a second compactly: compressed bytes in arena chunks,
+their schedule in columns, see republisher/store.py); when due, a message moves on to a
+shorter bucket or to its final topic, in one Kafka transaction with the consumed offsets
+(per partition, at most every ``linger_ms``). A message reaching its due time in a
+bucket its planned path does not end in (a backlog) first moves to its *release bucket*:
+every copy of a message (a publish retried by Ray or by its caller) is released from the
+same partition, which releases a message id once (``RecentIds``, restored from the
+released-ids topic after a restart).
 
 **Failures.** Every wait is bounded (``ack_timeout_s``). A transient failure aborts the
 transaction and retries it with jittered backoff, for up to ``retry_window_s`` per
@@ -43,7 +45,7 @@ import random
 import secrets
 import time
 import zlib
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -75,7 +77,6 @@ from .schedule import (
     MAX_METADATA,
     Cascade,
     ClockSkew,
-    DueHeap,
     LatenessStats,
     OffsetTracker,
     Owner,
@@ -84,6 +85,7 @@ from .schedule import (
     next_step,
     release_bucket,
 )
+from .store import Frozen, HeldStore
 from .topics import ensure_topics, open_admin
 
 log = logging.getLogger("athomic.republisher")
@@ -94,6 +96,8 @@ CASCADE, DEAD_LETTER, RESTAGE = "cascade", "dead_letter", "restage"
 CLAIMING, OWNED, RELEASED, REFUSED = "claiming", "owned", "released", "refused"
 _MISSING_TOPIC_RECHECK_MS = 2_000
 _TOPIC_CHECK_S = 5.0
+_COLD_AFTER_MS = 1_000
+"""A message read more than this before it is due is held compactly (``HeldStore``)."""
 
 
 def now_ms() -> int:
@@ -115,8 +119,9 @@ class Held:
     spill: bool = False
     """Written once more to the end of the partition, not yet due (see _plan_commit)."""
     data: bytes = b""
-    """The envelope as read: its headers and value are decoded only when it leaves, so a
-    held message costs little more than its bytes."""
+    """The envelope as read: its headers and value are decoded only when it leaves."""
+    decoded: envelope.Envelope | None = None
+    """The envelope decoded in full, when it came out of the cold store to leave now."""
 
     @property
     def rank(self) -> int:
@@ -156,14 +161,16 @@ class Partition:
     """One delay-topic partition a replica is responsible for: its transactional producer,
     its progress, and the messages read from it and not yet republished."""
 
-    def __init__(self, tp: TopicPartition, dedupe_window_ms: int) -> None:
+    def __init__(self, tp: TopicPartition, dedupe_window_ms: int,
+                 buckets: Sequence[float] = ()) -> None:
         self.tp = tp
+        self.buckets = tuple(buckets)
         self.transactional_id = f"athomic.delay.{tp.topic}.{tp.partition}"
         self.state = RELEASED
         self.note = "not claimed yet"
         self.producer: KafkaProducer | None = None
         self.tracker: OffsetTracker | None = None
-        self.heap: DueHeap[Held] = DueHeap()
+        self.store = self.new_store()
         self.wake_at: int | None = None
         self.next_txn_ms = 0
         self.retry_at = 0
@@ -185,6 +192,32 @@ class Partition:
         """Key -> (due time, offset) of its messages that were due and did not go (a
         failed attempt, a missing topic, an aborted transaction): the later messages of
         the key wait behind them."""
+
+    def new_store(self) -> HeldStore[Held]:
+        """An empty store for the messages read from this partition."""
+        return HeldStore(self._thaw)
+
+    def freeze(self, held: Held, data: bytes) -> None:
+        """Keep a message just read and not due soon compactly, until it leaves."""
+        assert held.env is not None and held.action in (FINAL, CASCADE)
+        cascade = held.cascade
+        self.store.freeze(
+            held.release_ms, held.offset, data,
+            tag=0 if cascade is None else self.buckets.index(cascade.bucket) + 1,
+            hold_ms=0 if cascade is None else cascade.hold_until_ms,
+            restage=held.env.hop < envelope.MAX_HOPS)
+
+    def _thaw(self, frozen: Frozen) -> Held:
+        cascade = None if frozen.tag == 0 else Cascade(self.buckets[frozen.tag - 1],
+                                                       frozen.hold_ms)
+        action = FINAL if cascade is None else CASCADE
+        try:
+            full = envelope.decode(frozen.data)  # verified when it was read
+        except MalformedEnvelopeError:  # read, not decodable in full: dead-lettered later
+            return Held(frozen.offset, frozen.due_ms, action, envelope.peek(frozen.data),
+                        cascade, data=frozen.data)
+        return Held(frozen.offset, frozen.due_ms, action, envelope.head(full), cascade,
+                    data=frozen.data, decoded=full)
 
 
 class BucketRepublisher:
@@ -273,7 +306,7 @@ class BucketRepublisher:
             return
         window = round(self.rep.dedupe_window_s * 1000)
         for tp in new:
-            self.parts[tp] = Partition(tp, window)
+            self.parts[tp] = Partition(tp, window, self.buckets)
         assert self.consumer is not None
         # assign() resets positions: put back those of partitions already running
         self.consumer.assign(list(self.parts))
@@ -355,7 +388,7 @@ class BucketRepublisher:
             if part.task is not None:
                 continue
             if part.state == OWNED:
-                due = part.heap.next_due()
+                due = part.store.next_due()
                 if due is not None:
                     wait = min(wait, max(due, part.next_txn_ms) - now)
                 if part.wake_at is not None:
@@ -378,7 +411,7 @@ class BucketRepublisher:
                     part.task = asyncio.ensure_future(self._guard(part, self._claim(part),
                                                                   claim=True))
             elif part.state == OWNED:
-                due = part.heap.next_due()
+                due = part.store.next_due()
                 if due is not None and due <= now and now >= part.next_txn_ms:
                     part.task = asyncio.ensure_future(self._guard(part, self._transact(part)))
                 elif now - part.last_commit_ms >= lease_ms:
@@ -483,8 +516,12 @@ class BucketRepublisher:
                 return
             tracker.read(record.offset)
             held = self._plan(record.offset, env, now)
-            held.data = record.value
-            self._push(part, held)
+            if held.release_ms - now > _COLD_AFTER_MS:
+                part.freeze(held, record.value)
+                self.held += 1
+            else:
+                held.data = record.value
+                self._push(part, held)
 
     def _plan(self, offset: int, env: envelope.EnvelopeHead, now: int) -> Held:
         """What becomes of a message read now: forwarded to a shorter bucket at its hold
@@ -503,7 +540,8 @@ class BucketRepublisher:
         return Held(offset, env.deliver_at_ms, FINAL, env)
 
     def _push(self, part: Partition, held: Held) -> None:
-        part.heap.push(held.release_ms, held)
+        held.decoded = None  # decoded again if it leaves: not kept while it waits
+        part.store.push(held.release_ms, held)
         self.held += 1
 
     # --- claiming ------------------------------------------------------------------------
@@ -578,7 +616,7 @@ class BucketRepublisher:
             await _quietly_stop(producer)
             raise
         part.producer, part.tracker = producer, tracker
-        part.heap = DueHeap()
+        part.store = part.new_store()
         part.wake_at = None
         part.state, part.note = OWNED, ""
         part.yielded = False
@@ -648,7 +686,7 @@ class BucketRepublisher:
     async def _transact(self, part: Partition) -> None:
         assert part.tracker is not None
         now = now_ms()
-        due = part.heap.pop_due(now, self.rep.max_batch)
+        due = part.store.pop_due(now, self.rep.max_batch)
         self.held -= len(due)
         if not due:
             return
@@ -805,13 +843,11 @@ class BucketRepublisher:
         point = tracker.commit_point(finishing)
         if len(point[1]) <= MAX_METADATA:
             return {part.tp: OffsetAndMetadata(*point)}, [], []
-        waiting = sorted((h for h in part.heap.items()
-                          if h.env is not None and h.env.hop < envelope.MAX_HOPS),
-                         key=lambda h: h.offset)
+        waiting = part.store.restageable(
+            lambda h: h.env is not None and h.env.hop < envelope.MAX_HOPS)
 
         def fits(spill: int) -> bool:
-            extra = [h.offset for h in waiting[:spill]]
-            return len(tracker.commit_point(finishing + extra)[1]) <= MAX_METADATA
+            return len(tracker.commit_point(finishing + waiting[:spill])[1]) <= MAX_METADATA
 
         if waiting and fits(len(waiting)):
             lo, hi = 1, len(waiting)
@@ -821,8 +857,7 @@ class BucketRepublisher:
                     hi = mid
                 else:
                     lo = mid + 1
-            spilled = waiting[:lo]
-            part.heap.remove(spilled)
+            spilled = part.store.take(waiting[:lo])
             self.held -= len(spilled)
             for h in spilled:
                 h.spill = True
@@ -888,7 +923,7 @@ class BucketRepublisher:
     async def _run(self, part: Partition, send: list[Held], skip: list[Held],
                    offsets: dict[TopicPartition, OffsetAndMetadata], now: int) -> None:
         """One transaction: the records, a released-id marker per final record, the
-        offsets; or, on failure, every message back in the heap (or the partition
+        offsets; or, on failure, every message back in the store (or the partition
         restarted from its committed progress)."""
         producer = part.producer
         assert producer is not None and part.tracker is not None
@@ -900,7 +935,8 @@ class BucketRepublisher:
             full = None
             try:
                 if h.env is not None and h.action != DEAD_LETTER:
-                    full = envelope.decode(h.data)  # verified when it was read
+                    # verified when it was read
+                    full = h.decoded if h.decoded is not None else envelope.decode(h.data)
                 if traced and h.action == FINAL and full is not None:
                     span = spans[i] = self.telemetry.start_republish(
                         full.topic, full.headers, message_id=full.message_id,
@@ -1133,10 +1169,10 @@ class BucketRepublisher:
         # Not read from here any more (records fetched meanwhile are ignored), even while
         # the producer below stops; the caller says what the partition is now.
         part.state = RELEASED
-        if len(part.heap):  # dropped here, read again from the committed progress
-            self.held -= len(part.heap)
-            self.telemetry.add_delayed_held(-len(part.heap), delay_topic=self.topic)
-        part.heap = DueHeap()
+        if len(part.store):  # dropped here, read again from the committed progress
+            self.held -= len(part.store)
+            self.telemetry.add_delayed_held(-len(part.store), delay_topic=self.topic)
+        part.store = part.new_store()
         part.waiting_by_key.clear()
         part.tracker = None
         part.wake_at = None
@@ -1182,7 +1218,8 @@ class BucketRepublisher:
         skew = self.skew.estimate() if self.skew_known else None
         partitions = {
             tp.partition: {
-                "state": p.state, "note": p.note, "held": len(p.heap),
+                "state": p.state, "note": p.note, "held": len(p.store),
+                "held_cold": p.store.cold, "held_bytes": p.store.nbytes(),
                 "paused": p.wake_at is not None,
                 "committed": p.tracker.watermark() if p.tracker else None,
                 "position": p.tracker.position if p.tracker else None,
@@ -1195,6 +1232,7 @@ class BucketRepublisher:
             "partitions": sorted(p for p, v in partitions.items() if v["state"] == OWNED),
             "partition_states": partitions,
             "held": self.held,
+            "held_bytes": sum(v["held_bytes"] for v in partitions.values()),
             "paused": sorted(p for p, v in partitions.items() if v["paused"]),
             "committed": {p: v["committed"] for p, v in partitions.items()
                           if v["committed"] is not None},

@@ -1,6 +1,6 @@
-"""Due-time scheduling, pure: bucket choice, the hop plan, the due-time heap, the offset
-watermark, lateness statistics. No I/O; the republish loop and the DelayedPublishStrategy
-drive these.
+"""Due-time scheduling, pure: bucket choice, the hop plan, the offset watermark, lateness
+statistics. No I/O; the republish loop and the DelayedPublishStrategy drive these (the
+messages a republisher holds until due live in ``store``).
 
 The hop plan. A message with due time ``D`` published at ``P`` enters the largest bucket
 ``b`` not longer than ``D - P`` (the smallest bucket when the delay is shorter than every
@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import base64
 import bisect
-import heapq
-import itertools
 import math
 import zlib
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Generic, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -115,40 +113,6 @@ def release_bucket(buckets: Sequence[float], published_ms: int, deliver_at_ms: i
     (a retried publish, a late arrival) is released from the same partition of this
     bucket's delay topic, so one republisher decides it, once."""
     return plan(buckets, published_ms, deliver_at_ms, hold_final_s).release_bucket
-
-
-# --- the due-time heap ---------------------------------------------------------------------
-class DueHeap(Generic[T]):
-    """Items keyed by the time they are due; ties keep insertion order."""
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[int, int, T]] = []
-        self._seq = itertools.count()
-
-    def push(self, due_ms: int, item: T) -> None:
-        heapq.heappush(self._heap, (due_ms, next(self._seq), item))
-
-    def next_due(self) -> int | None:
-        return self._heap[0][0] if self._heap else None
-
-    def pop_due(self, now_ms: int, limit: int) -> list[T]:
-        out: list[T] = []
-        while self._heap and self._heap[0][0] <= now_ms and len(out) < limit:
-            out.append(heapq.heappop(self._heap)[2])
-        return out
-
-    def items(self) -> list[T]:
-        """Every item, in no particular order."""
-        return [entry[2] for entry in self._heap]
-
-    def remove(self, drop: Iterable[T]) -> None:
-        """Take these items out (by identity)."""
-        ids = {id(x) for x in drop}
-        self._heap = [e for e in self._heap if id(e[2]) not in ids]
-        heapq.heapify(self._heap)
-
-    def __len__(self) -> int:
-        return len(self._heap)
 
 
 # --- the offset watermark ------------------------------------------------------------------

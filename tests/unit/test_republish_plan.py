@@ -4,11 +4,12 @@ stays within Kafka's commit-metadata limit when many messages leave out of offse
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 from aiokafka import TopicPartition
 
 from athomic import MessagePriority, MessagingSettings
-from athomic.envelope import Envelope
+from athomic.envelope import Envelope, encode, peek
 from athomic.republisher.loop import CASCADE, FINAL, OWNED, BucketRepublisher, Held, Partition
 from athomic.republisher.schedule import MAX_METADATA, OffsetTracker, Owner, decode_commit
 
@@ -55,13 +56,13 @@ def test_overflowing_metadata_moves_the_lowest_waiting_messages_to_the_end() -> 
         tracker.read(o)
     due = set(rnd.sample(range(1, 100_000), 50_000))
     for o in sorted(set(range(100_000)) - due):  # the rest waits, offset 0 among them
-        part.heap.push(10**13, held(o, FINAL))
-    rep.held = len(part.heap)
+        part.store.push(10**13, held(o, FINAL))
+    rep.held = len(part.store)
     offsets, spilled, deferred = rep._plan_commit(part, [held(o) for o in sorted(due)], [])
     assert deferred == [] and spilled
     waiting = sorted(set(range(100_000)) - due)
     assert [h.offset for h in spilled] == waiting[:len(spilled)]  # the lowest ones
-    assert all(h.spill for h in spilled) and len(part.heap) == len(waiting) - len(spilled)
+    assert all(h.spill for h in spilled) and len(part.store) == len(waiting) - len(spilled)
     assert len(offsets[TP].metadata) <= MAX_METADATA
     mark = offsets[TP].offset
     assert decode_commit(mark, offsets[TP].metadata)[0] == {
@@ -80,3 +81,49 @@ def test_with_nothing_waiting_the_highest_due_offsets_wait_for_the_next_commit()
     assert max(kept) < min(h.offset for h in deferred)
     assert len(offsets[TP].metadata) <= MAX_METADATA
     assert decode_commit(0, offsets[TP].metadata)[0] == set(kept)
+
+
+def test_a_message_held_compactly_leaves_as_the_one_read() -> None:
+    """A message due long after it was read waits in the cold store; it comes back with
+    the same schedule, action, envelope head and bytes as one kept as an object."""
+    rep = BucketRepublisher(MessagingSettings(delay_topics={1: "d1", 10: "d10", 60: "d60"},
+                                              connection_name="orders"), "d60")
+    part = Partition(TopicPartition("d60", 0), 0, rep.buckets)
+    now = 1_000_000
+    cases = [  # (deliver_at, hold_until): final from memory, cascading on, late
+        (now + 30_000, now + 30_000), (now + 600_000, now + 50_000), (now - 5, now - 5)]
+    expected = []
+    for offset, (deliver_at, hold) in enumerate(cases):
+        data = encode(replace(ENV, deliver_at_ms=deliver_at, hold_until_ms=hold,
+                              message_id=f"m{offset}", key=None))
+        h = rep._plan(offset, peek(data), now)
+        part.freeze(h, data)
+        expected.append((h.offset, h.release_ms, h.action, h.cascade, h.env, data))
+    got = part.store.pop_due(10**13, 10)
+    assert sorted((h.offset, h.release_ms, h.action, h.cascade, h.env, h.data)
+                  for h in got) == sorted(expected, key=lambda e: e[0])
+    assert all(h.decoded is not None and h.decoded.message_id == h.env.message_id
+               for h in got if h.env is not None)
+
+
+def test_restaging_takes_the_lowest_waiting_messages_whether_held_compactly_or_not(
+        ) -> None:
+    rep, part, tracker = republisher()
+    part.buckets = tuple(rep.buckets)
+    rnd = random.Random(6)
+    for o in range(100_000):
+        tracker.read(o)
+    due = set(rnd.sample(range(1, 100_000), 50_000))
+    data = encode(ENV)
+    for o in sorted(set(range(100_000)) - due):
+        h = held(o, FINAL)
+        if o % 2:
+            part.store.push(10**13, h)
+        else:
+            part.freeze(h, data)
+    rep.held = len(part.store)
+    offsets, spilled, deferred = rep._plan_commit(part, [held(o) for o in sorted(due)], [])
+    waiting = sorted(set(range(100_000)) - due)
+    assert deferred == [] and [h.offset for h in spilled] == waiting[:len(spilled)]
+    assert all(h.spill for h in spilled) and len(part.store) == len(waiting) - len(spilled)
+    assert len(offsets[TP].metadata) <= MAX_METADATA

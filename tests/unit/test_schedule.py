@@ -12,7 +12,6 @@ from athomic.republisher.schedule import (
     MAX_METADATA,
     Cascade,
     ClockSkew,
-    DueHeap,
     LatenessStats,
     OffsetTracker,
     Owner,
@@ -86,16 +85,6 @@ def test_same_delay_same_path_and_any_length() -> None:
 def test_late_message_goes_final_at_once() -> None:
     assert next_step(BUCKETS, 1_000, 20_000, 25_000) == FINAL
     assert next_step(BUCKETS, 1_000, 20_000, 1_000) == Cascade(4.0, 5_000)
-
-
-def test_due_heap_orders_by_time_then_insertion() -> None:
-    heap: DueHeap[str] = DueHeap()
-    for due, name in [(30, "c"), (10, "a"), (20, "b1"), (20, "b2")]:
-        heap.push(due, name)
-    assert heap.next_due() == 10
-    assert heap.pop_due(20, 10) == ["a", "b1", "b2"]
-    assert heap.pop_due(25, 10) == [] and len(heap) == 1
-    assert heap.pop_due(30, 10) == ["c"] and heap.next_due() is None
 
 
 def test_done_bitmap_round_trip() -> None:
