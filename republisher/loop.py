@@ -472,9 +472,9 @@ class BucketRepublisher:
     # --- reading -------------------------------------------------------------------------
     def _ingest(self, tp: TopicPartition, records: list[Any], now: int) -> None:
         part = self.parts.get(tp)
-        if part is None or part.state != OWNED or part.wake_at is not None:
+        if part is None or part.state != OWNED or part.wake_at is not None or \
+                part.tracker is None:  # being dropped (_reset awaits its producer's stop)
             return  # no longer read from here; its position is set again when it is
-        assert part.tracker is not None
         before = self.held
         try:
             self._read(part, part.tracker, records, now)
