@@ -30,12 +30,14 @@ def kafka_and_ray(num_cpus: int = 4) -> Iterator[str]:
     import ray
 
     bootstrap, stop_kafka = start_kafka()
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-             log_to_driver=False, configure_logging=False)
     try:
-        yield bootstrap
-    finally:
-        ray.shutdown()
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+        try:
+            yield bootstrap
+        finally:
+            ray.shutdown()
+    finally:  # also when Ray failed to start (an overloaded machine)
         stop_kafka()
 
 
