@@ -209,6 +209,12 @@ class Partition:
         """Key -> (due time, offset) of its messages that were due and did not go (a
         failed attempt, a missing topic, an aborted transaction): the later messages of
         the key wait behind them."""
+        self.copies: dict[bytes, dict[str, tuple[tuple[int, int], int]]] = {}
+        """Key -> message id -> ((due time, offset), give up at ms) of its messages sent
+        back into this partition (a hop into the same bucket, a restage) and not read
+        back yet: a copy lands at the end of the partition, after later messages of its
+        key, so those wait until it is read (or, should it never come, until the time
+        it had to come by)."""
 
     def new_store(self) -> HeldStore[Held]:
         """An empty store for the messages read from this partition."""
@@ -263,6 +269,11 @@ class BucketRepublisher:
         self.read_ahead_ms = round(1000 * (max(rep.near_window_s, self.bucket_s)
                                            if smallest else rep.near_window_s))
         self.near_window_s = rep.near_window_s
+        # A copy sent back into this bucket is read back once its hold is near (at most a
+        # bucket away) and its transaction committed (bounded waits); past this, it is
+        # taken as lost and the later messages of its key no longer wait for it.
+        self._copy_within_ms = round(1000 * (self.bucket_s + 3 * rep.ack_timeout_s)) + \
+            10_000 + self.read_ahead_ms
         self.keys = envelope_keys(settings)
         self.ids = IdLog(settings, clients, self.keys)
         self.parts: dict[TopicPartition, Partition] = {}
@@ -546,6 +557,8 @@ class BucketRepublisher:
                 self._pause(part, record.offset, now + 50)
                 return
             tracker.read(record.offset)
+            if part.copies and env.key is not None:
+                self._copy_back(part, env.key, env.message_id, record.offset)
             held = self._plan(record.offset, env, now)
             if held.release_ms - now > _COLD_AFTER_MS:
                 part.freeze(held, record.value)
@@ -791,8 +804,9 @@ class BucketRepublisher:
             if key is not None:
                 mine = _key_order(h)
                 waiting = part.waiting_by_key.get(key)
-                if waiting and any(e < mine and e not in going.get(key, ())
-                                   for e in waiting):
+                if (waiting and any(e < mine and e not in going.get(key, ())
+                                    for e in waiting)) or (
+                        key in part.copies and self._copy_ahead(part, key, mine, now)):
                     h.release_ms = now + 50  # behind an earlier message of its key
                     later.append(h)
                     self._track(part, h)
@@ -835,6 +849,32 @@ class BucketRepublisher:
                 waiting.discard(_key_order(h))
                 if not waiting:
                     del part.waiting_by_key[h.env.key]
+
+    @staticmethod
+    def _copy_back(part: Partition, key: bytes, message_id: str, offset: int | None
+                   ) -> None:
+        """A message's copy was read back at ``offset`` (None: none will come)."""
+        mine = part.copies.get(key)
+        if mine is None or message_id not in mine:
+            return
+        if offset is not None and offset <= mine[message_id][0][1]:
+            return  # the original, read again: its copy is still to come
+        del mine[message_id]
+        if not mine:
+            del part.copies[key]
+
+    @staticmethod
+    def _copy_ahead(part: Partition, key: bytes, mine: tuple[int, int], now: int) -> bool:
+        """Whether a copy of an earlier message of ``key`` is still to be read back."""
+        copies = part.copies[key]
+        for message_id, (order, until) in list(copies.items()):
+            if until <= now:  # never came (a lost write): stop holding its key back
+                del copies[message_id]
+            elif order < mine:
+                return True
+        if not copies:
+            del part.copies[key]
+        return False
 
     async def _topic_exists(self, part: Partition, topic: str) -> bool:
         """Whether a final topic exists (or, with the brokers' auto-create, now does):
@@ -998,6 +1038,14 @@ class BucketRepublisher:
                                 envelope.encode_id_event(env.message_id, event, self.keys),
                                 []))
         markers = _marker_values(released)
+        for h in send:
+            env = h.env
+            if env is not None and env.key is not None and (h.spill or (
+                    h.action == CASCADE and h.cascade is not None
+                    and h.cascade.bucket == self.bucket_s)):
+                # comes back at the end of this partition: later ones of its key wait
+                part.copies.setdefault(env.key, {})[env.message_id] = (
+                    _key_order(h), sent_ms + self._copy_within_ms)
         sent: list[Any] = []
         try:
             await self._bounded(producer.begin_transaction())
@@ -1094,6 +1142,10 @@ class BucketRepublisher:
         for h in send + skip:
             part.failing.pop(h.offset, None)
             self._untrack(part, h)
+        if part.copies:
+            for h in skip:  # not carried on: no copy comes back
+                if h.env is not None and h.env.key is not None:
+                    self._copy_back(part, h.env.key, h.env.message_id, None)
         for h in send:
             if h.spill:
                 self.counts[RESTAGE] += 1
@@ -1206,6 +1258,7 @@ class BucketRepublisher:
             self.telemetry.add_delayed_held(-len(part.store), delay_topic=self.topic)
         part.store = part.new_store()
         part.waiting_by_key.clear()
+        part.copies.clear()
         part.tracker = None
         part.wake_at = None
         if self.consumer is not None and part.tp in self.parts:
