@@ -778,6 +778,14 @@ class BucketRepublisher:
                 ordered = sorted((due[i] for i in slots), key=_key_order)
                 for i, h in zip(slots, ordered, strict=True):
                     due[i] = h
+        # per key: the earliest message sent back into this partition in this batch (a hop
+        # into this bucket): later ones of its key wait for its copy
+        back: dict[bytes, tuple[int, int]] = {}
+        for h in due:
+            if h.action == CASCADE and h.cascade is not None and h.env is not None and \
+                    h.env.key is not None and h.cascade.bucket == self.bucket_s:
+                order = _key_order(h)
+                back[h.env.key] = min(order, back.get(h.env.key, order))
         send: list[Held] = []
         skip: list[Held] = []
         later: list[Held] = []
@@ -805,7 +813,7 @@ class BucketRepublisher:
                 mine = _key_order(h)
                 waiting = part.waiting_by_key.get(key)
                 if (waiting and any(e < mine and e not in going.get(key, ())
-                                    for e in waiting)) or (
+                                    for e in waiting)) or back.get(key, mine) < mine or (
                         key in part.copies and self._copy_ahead(part, key, mine, now)):
                     h.release_ms = now + 50  # behind an earlier message of its key
                     later.append(h)
