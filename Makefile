@@ -5,7 +5,7 @@
 PYTHON ?= python3
 KAFKA_LOCAL := deploy/kafka/kafka-local
 
-.PHONY: setup demo test test-unit lint typecheck bench kafka-start kafka-stop
+.PHONY: setup demo test test-unit reliability lint typecheck bench kafka-start kafka-stop
 
 setup:
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
@@ -25,6 +25,12 @@ test: setup
 test-unit: setup
 	$(PYTHON) -m pytest tests/unit
 
+# The fault suite (RELIABILITY.md): a 3-broker Kafka and a 3-node Ray cluster of its own,
+# about an hour; figures under tests/reliability/results, as a table:
+# python tests/reliability/results.py
+reliability: setup
+	$(PYTHON) -m pytest tests/reliability -v -s
+
 lint:
 	$(PYTHON) -m ruff check .
 	.ci/layers
@@ -32,7 +38,7 @@ lint:
 typecheck:
 	.ci/typecheck
 
-BENCH_JSON = bench_publish bench_priority bench_delay bench_out_of_order bench_datasink
+BENCH_JSON = bench_publish bench_priority bench_delay bench_out_of_order bench_datasink bench_memory
 BENCH_PLAIN = bench_pipeline bench_telemetry
 
 bench: setup
