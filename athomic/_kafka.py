@@ -17,6 +17,7 @@ inside Kafka (transactions, isolation, acks) and ignores the connection ones.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -320,6 +321,30 @@ def acked(item: Sent) -> Any:
     if position is None or meta is None:
         return meta
     return meta._replace(offset=meta.offset + position)
+
+
+async def stop_quietly(client: KafkaProducer | KafkaConsumer, timeout_s: float) -> None:
+    """Stop a client within ``timeout_s``, whatever it raises. An aiokafka producer's stop
+    waits for its pending batches (forever, with the brokers gone or the producer fenced);
+    cut short, it leaves its sender running and its connections open, so they are then
+    closed here: nothing of the client outlives this call."""
+    try:
+        await asyncio.wait_for(client.stop(), timeout_s)
+        return
+    except BaseException:  # a client being let go: nothing to report
+        pass
+    with contextlib.suppress(BaseException):
+        sender = getattr(client, "_sender", None)
+        if sender is not None:  # aiokafka's producer: cancels its task and awaits it
+            await asyncio.wait_for(sender.close(), timeout_s)
+    with contextlib.suppress(BaseException):
+        fetcher = getattr(client, "_fetcher", None)
+        if fetcher is not None:  # aiokafka's consumer
+            await asyncio.wait_for(fetcher.close(), timeout_s)
+    with contextlib.suppress(BaseException):
+        kafka = getattr(client, "_client", None) or getattr(client, "client", None)
+        if kafka is not None:
+            await asyncio.wait_for(kafka.close(), timeout_s)
 
 
 # --- aiokafka ------------------------------------------------------------------------------

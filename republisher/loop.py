@@ -64,6 +64,7 @@ from athomic._kafka import (
     classify,
     kafka_error_name,
     send_batched,
+    stop_quietly,
     too_large,
 )
 from athomic.errors import ConfigurationError, MalformedEnvelopeError
@@ -1372,5 +1373,4 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
 
 async def _quietly_stop(producer: KafkaProducer, timeout_s: float = 10.0) -> None:
     # Stopping does not abort an open transaction: the next holder's start does.
-    with contextlib.suppress(BaseException):
-        await asyncio.wait_for(producer.stop(), timeout_s)
+    await stop_quietly(producer, timeout_s)

@@ -4,6 +4,7 @@ contract test cannot compare with a real broker)."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from aiokafka.errors import (
@@ -17,7 +18,7 @@ from aiokafka.errors import (
 from aiokafka.structs import OffsetAndMetadata, RecordMetadata, TopicPartition
 from kafka_fake import FakeKafka, ManualClock
 
-from athomic._kafka import KafkaClients, TopicSpec
+from athomic._kafka import KafkaClients, TopicSpec, stop_quietly
 
 TP = TopicPartition("t", 0)
 
@@ -290,3 +291,38 @@ def test_options_are_checked_like_aiokafka() -> None:
         kafka.consumer(isolation_level="read_something")
     assert kafka.producer(enable_idempotence=True).acks == -1
     assert kafka.producer().acks == 1
+
+
+async def test_stop_quietly_closes_what_a_stop_cut_short_leaves_open() -> None:
+    """A producer whose stop hangs (pending batches, brokers gone): its sender and its
+    connections are closed anyway, within the time given."""
+    closed: list[str] = []
+
+    class Part:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        async def close(self) -> None:
+            closed.append(self.name)
+
+    class Hanging:
+        _sender = Part("sender")
+        client = Part("connections")
+
+        async def stop(self) -> None:
+            await asyncio.sleep(3600)
+
+    class Stops:
+        _sender = Part("other sender")
+        client = Part("other connections")
+
+        async def stop(self) -> None:
+            closed.append("stopped")
+
+    began = time.monotonic()
+    await stop_quietly(Hanging(), 0.2)  # type: ignore[arg-type]
+    assert time.monotonic() - began < 2
+    assert closed == ["sender", "connections"]
+    closed.clear()
+    await stop_quietly(Stops(), 1.0)  # type: ignore[arg-type]
+    assert closed == ["stopped"]  # a stop that worked is left alone
