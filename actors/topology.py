@@ -26,7 +26,7 @@ from typing import Any
 import ray
 
 from athomic._exporters import otel_environment
-from athomic._kafka import AIOKAFKA, KafkaClients, TopicPartition
+from athomic._kafka import AIOKAFKA, KafkaClients, TopicPartition, stop_quietly
 from athomic.errors import AthomicError, ConfigurationError, MessagingConnectionError
 from athomic.republisher.schedule import Owner, decode_commit
 from athomic.republisher.topics import (
@@ -43,6 +43,9 @@ from .stage import StageActor
 
 NAMESPACE = "athomic"
 STAGE_START_TIMEOUT_S = 120.0
+_STOP_S = 5.0
+"""At most this long to stop a client of a status or plan query (a consumer's stop can hang
+on a fetch the brokers do not answer)."""
 """How long ``apply_producers`` waits for the StageActor pool to be scheduled."""
 
 
@@ -1101,8 +1104,7 @@ async def partition_progress(settings: MessagingSettings, *,
                         for tp in dead)
         return rows, {"topic": dlq, "exists": bool(dead), "depth": depth}
     finally:
-        with contextlib.suppress(Exception):
-            await consumer.stop()
+        await stop_quietly(consumer, _STOP_S)
         await admin.close()
 
 
@@ -1144,8 +1146,7 @@ async def undelivered(settings: MessagingSettings, topics: Sequence[str], *,
             out[topic] = min(found, limit)
         return out
     finally:
-        with contextlib.suppress(Exception):
-            await reader.stop()
+        await stop_quietly(reader, _STOP_S)
         await admin.close()
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from athomic import envelope
-from athomic._kafka import AIOKAFKA, KafkaClients, OffsetAndMetadata, TopicPartition
+from athomic._kafka import AIOKAFKA, KafkaClients, OffsetAndMetadata, TopicPartition, stop_quietly
 from athomic.errors import MalformedEnvelopeError
 from athomic.messages import H_ERROR, H_ERROR_SOURCE
 from athomic.settings import MessagingSettings
@@ -107,7 +107,7 @@ async def replay(settings: MessagingSettings, *, limit: int | None = None,
                 await producer.send_offsets_to_transaction(progress, group)
                 await producer.commit_transaction()
     finally:
-        await consumer.stop()
+        await stop_quietly(consumer, 10.0)
         if producer is not None:
             await producer.stop()
     return report

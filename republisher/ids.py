@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from athomic import envelope
-from athomic._kafka import KafkaClients, KafkaConsumer, TopicPartition
+from athomic._kafka import KafkaClients, KafkaConsumer, TopicPartition, stop_quietly
 from athomic.errors import MalformedEnvelopeError
 from athomic.settings import MessagingSettings
 
@@ -88,8 +88,7 @@ class IdLog:
             with contextlib.suppress(BaseException):
                 await self._task
         if self._consumer is not None:
-            with contextlib.suppress(Exception):
-                await self._consumer.stop()
+            await stop_quietly(self._consumer, 10.0)
         self._task = self._consumer = None
 
     async def _run(self) -> None:

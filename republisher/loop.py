@@ -361,8 +361,7 @@ class BucketRepublisher:
                     await part.task
             await self._drop(part)
         if self.consumer is not None:
-            with contextlib.suppress(Exception):
-                await self.consumer.stop()
+            await stop_quietly(self.consumer, self.rep.ack_timeout_s)
         self.consumer = None
         self.parts.clear()
         await self.ids.stop()
@@ -710,7 +709,7 @@ class BucketRepublisher:
                             part.recent.add(mid.decode("ascii", "replace"), now)
                 start = await self._bounded(reader.position(mtp))
         finally:
-            await reader.stop()
+            await stop_quietly(reader, self.rep.ack_timeout_s)
 
     async def _renew(self, part: Partition) -> None:
         """An idle partition's lease: commit the same progress, owner and time."""

@@ -6,7 +6,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from athomic._kafka import AIOKAFKA, KafkaAdmin, KafkaClients, TopicPartition, TopicSpec
+from athomic._kafka import (
+    AIOKAFKA,
+    KafkaAdmin,
+    KafkaClients,
+    TopicPartition,
+    TopicSpec,
+    stop_quietly,
+)
 from athomic._kafka import connection_error as _connection_error
 from athomic.errors import ConfigurationError
 from athomic.settings import MessagingSettings
@@ -137,5 +144,5 @@ async def progress(settings: MessagingSettings, *, clients: KafkaClients = AIOKA
                              "lag": max(ends[tp] - offset, 0)})
         return rows
     finally:
-        await consumer.stop()
+        await stop_quietly(consumer, 10.0)
         await admin.close()
