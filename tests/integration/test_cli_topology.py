@@ -4,6 +4,7 @@ command runs as its own process (a driver joining the cluster), as users run it.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -237,7 +238,7 @@ def test_create_and_republisher_run_fail_fast_without_brokers(
 def test_python_m_athomic_lists_the_commands() -> None:
     out = subprocess.run([sys.executable, "-m", "athomic", "--help"], capture_output=True,
                          text=True, timeout=60, check=True)
-    for command in ("up", "down", "status", "republisher", "dlq"):
+    for command in ("up", "down", "status", "republisher", "dlq", "cancel"):
         assert command in out.stdout
     up = subprocess.run([sys.executable, "-m", "athomic", "up", "--help"],
                         capture_output=True, text=True, timeout=60, check=True)
@@ -250,3 +251,22 @@ def test_a_dashboard_address_is_refused_with_a_hint(write_config: Any,
                           str(write_config(buckets)), "--address", "http://127.0.0.1:8265"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "dashboard address" in out.stderr
+
+
+async def test_athomic_cancel_from_a_shell_means_never_delivered(
+        write_config: Any, buckets: dict[int, str], kafka_bootstrap: str, topic: str,
+        stopped: Any) -> None:
+    """``athomic cancel --config FILE ID`` (no Ray in that process) is acknowledged before
+    it returns; the message it names is never delivered, the other one is."""
+    config = write_config(buckets)
+    handle = ProducerFactory.create(MessagingSettings.from_toml(config))
+    for name in ("keep", "drop"):
+        assert ray.get(handle.publish.remote(topic=topic, message={"id": name}, key=name,
+                                             delay_seconds=4, message_id=name)) is \
+            PublishingOutcome.SUCCESS_DELAYED
+    out = subprocess.run([sys.executable, "-m", "athomic", "cancel", "--config", str(config),
+                          "drop"], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "RAY_ADDRESS": ""})
+    assert out.returncode == 0, out.stderr
+    received = await read_timed(kafka_bootstrap, topic, 1, timeout=30, extra_wait=3.0)
+    assert [dict(r.headers)["message-id"] for r, _ in received] == [b"keep"]

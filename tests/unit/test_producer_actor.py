@@ -134,6 +134,18 @@ async def test_a_missing_topic_is_a_publish_error_naming_it(kafka: FakeKafka) ->
         await a.publish(request(topic="nowhere"))
 
 
+async def test_a_delayed_publish_to_a_missing_topic_is_a_publish_error(kafka: FakeKafka
+                                                                         ) -> None:
+    """Refused at the call, not accepted into a delay topic to fail at its due time."""
+    kafka.create_topic("d.1s", 1)
+    a = actor(kafka, delay_topics={1: "d.1s"})
+    with pytest.raises(PublishError, match="'nowhere' does not exist"):
+        await a.publish(request(topic="nowhere", deliver_at=time.time() + 30))
+    assert kafka.records("d.1s") == []
+    await a.publish(request(deliver_at=time.time() + 30))  # an existing topic: accepted
+    assert len(kafka.records("d.1s")) == 1
+
+
 async def test_a_stopped_producer_refuses_and_flushes_first(kafka: FakeKafka) -> None:
     a = actor(kafka)
     await a.publish(request())

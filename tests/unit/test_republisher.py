@@ -14,7 +14,12 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from aiokafka.errors import KafkaTimeoutError, NotEnoughReplicasError
+from aiokafka.errors import (
+    InvalidTopicError,
+    KafkaTimeoutError,
+    NotEnoughReplicasError,
+    TopicAuthorizationFailedError,
+)
 from kafka_fake import FakeKafka, ManualClock
 
 from athomic import MessagePriority, MessagingSettings
@@ -323,6 +328,44 @@ async def test_transient_errors_retry_and_never_dead_letter(kafka: FakeKafka) ->
     assert delivered(kafka, "dlq") == []
 
 
+async def test_a_send_timing_out_is_retried_not_dead_lettered(kafka: FakeKafka) -> None:
+    """aiokafka's KafkaTimeoutError (a full batch queue while min ISR is short) is not
+    ``retriable`` by its own flag; counted as attempts it would dead-letter a good message
+    after ``max_attempts``."""
+    s = settings(republisher={"max_attempts": 2})
+    req = request(delay_s=0.1)
+    topic = await publish(kafka, s, req)
+    kafka.faults.add("producer.send", future_raises=KafkaTimeoutError(), times=6,
+                     when=lambda **call: call["topic"] == "final")
+    async with running(s, kafka, topic) as rep:
+        await until(lambda: len(delivered(kafka)) == 1)
+        assert rep.counts["aborted"] >= 3  # more aborts than max_attempts, still delivered
+    assert ids(delivered(kafka)) == [req.message_id]
+    assert delivered(kafka, "dlq") == []
+
+
+@pytest.mark.parametrize("error", [TopicAuthorizationFailedError, InvalidTopicError])
+async def test_a_permanent_refusal_is_dead_lettered_and_the_rest_goes_on(
+        kafka: FakeKafka, error: type[Exception]) -> None:
+    """Not authorised to write the final topic, or an invalid topic: a permanent fault,
+    dead-lettered after ``max_attempts`` with the broker's error named; the next message of
+    the partition (another topic) is delivered meanwhile."""
+    s = settings(republisher={"max_attempts": 2})
+    kafka.create_topic("refused", 1)
+    bad = request("refused", delay_s=0.1, key=b"a")
+    ok = request(delay_s=0.1, key=b"b")
+    topic = await publish(kafka, s, bad)
+    await publish(kafka, s, ok)
+    kafka.faults.add("producer.send", future_raises=error(),
+                     when=lambda **call: call["topic"] == "refused")
+    async with running(s, kafka, topic):
+        await until(lambda: len(delivered(kafka, "dlq")) == 1 and len(delivered(kafka)) == 1)
+    assert ids(delivered(kafka)) == [ok.message_id]
+    (dead,) = delivered(kafka, "dlq")
+    assert error.__name__.encode() in dict(dead.headers)["athomic-error"]
+    assert kafka.records("refused") == []
+
+
 async def test_transient_errors_beyond_the_retry_window_dead_letter(kafka: FakeKafka) -> None:
     s = settings(republisher={"retry_window_s": 0.5})
     kafka.faults.add("producer.send", future_raises=NotEnoughReplicasError(),
@@ -614,3 +657,29 @@ async def test_a_release_waits_for_the_ids_topic_to_be_read(kafka: FakeKafka) ->
         kafka.faults.remove(getmany)
         await asyncio.sleep(0.5)
     assert delivered(kafka) == []
+
+
+async def test_a_bucket_actor_that_cannot_start_again_and_again_exits(
+        kafka: FakeKafka, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Brokers unreachable: the loop retries with backoff, the caller of ready() learns
+    why at once, and after MAX_FAILED_STARTS failures in a row the process exits (Ray
+    restarts the actor in a fresh one)."""
+    from aiokafka.errors import KafkaConnectionError
+
+    from athomic.actors import delay_bucket
+    from athomic.errors import MessagingConnectionError
+
+    exits: list[int] = []
+    monkeypatch.setattr(delay_bucket, "MAX_FAILED_STARTS", 2)
+    monkeypatch.setattr(delay_bucket.os, "_exit", exits.append)
+    kafka.faults.add("consumer.start", raises=KafkaConnectionError())
+    kafka.faults.add("admin.start", raises=KafkaConnectionError())
+    kafka.faults.add("producer.start", raises=KafkaConnectionError())
+    actor = delay_bucket.DelayBucketActor(settings(), "d.1s", clients=kafka)
+    try:
+        with pytest.raises(MessagingConnectionError):
+            await actor.ready(timeout_s=5)
+        await until(lambda: exits == [1], timeout=10)
+        assert (await actor.stats())["restarts"] >= 2
+    finally:
+        await actor.stop()
