@@ -586,6 +586,7 @@ def apply_producers(settings: MessagingSettings) -> dict[str, list[Any]]:
     settings (``athomic up`` replaces them; ``ProducerFactory.shutdown`` stops them).
     """
     ensure_ray()
+    running = set(actor_names(settings.connection_name))
     stage_actors = apply_stage_actors(settings)
     if stage_actors:
         try:
@@ -602,8 +603,20 @@ def apply_producers(settings: MessagingSettings) -> dict[str, list[Any]]:
                 f"{STAGE_START_TIMEOUT_S:.0f}s; each reserves 1 CPU: lower the stages' "
                 "replicas or add CPUs to the cluster") from None
     lanes = _producer_actors(settings, stage_actors)
-    _check_fingerprints(settings, [a for group in lanes.values() for a in group]
-                        + stage_actors)
+    try:
+        _check_fingerprints(settings, [a for group in lanes.values() for a in group]
+                            + stage_actors)
+    except ConfigurationError:
+        # Refused: the actors this call started (a lane or a stage replica the running
+        # ones lack) go again, so a refused create leaves the connection as it found it.
+        named = [(producer_actor_name(settings.connection_name, lane, i), actor)
+                 for lane, group in lanes.items() for i, actor in enumerate(group)]
+        named += [(stage_actor_name(settings.connection_name, i), actor)
+                  for i, actor in enumerate(stage_actors)]
+        for name, actor in named:
+            if name not in running:
+                ray.kill(actor, no_restart=True)
+        raise
     return lanes
 
 

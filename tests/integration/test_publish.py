@@ -32,6 +32,7 @@ from athomic import (
     ValidationError,
     decode_message,
 )
+from athomic.actors.topology import actor_names
 from athomic.messages import message_id_time
 
 pytestmark = pytest.mark.integration
@@ -202,6 +203,15 @@ async def test_factory_is_idempotent_across_processes(settings_factory: Any) -> 
     assert len(set(ids(a))) == 2  # one HIGH, one NORMAL actor
     with pytest.raises(ConfigurationError, match="run with other settings than these"):
         ProducerFactory.create(settings_factory(producer={"linger_ms": 17}))
+    # refused with a lane the running actors lack: the actor it started goes again
+    before = actor_names(settings.connection_name)
+    with pytest.raises(ConfigurationError, match="run with other settings than these"):
+        ProducerFactory.create(settings_factory(lanes={"normal": 2}))
+    deadline = time.monotonic() + 10
+    while actor_names(settings.connection_name) != before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert actor_names(settings.connection_name) == before
+    assert ids(a) == ids(b)  # the running ones untouched
 
 
 async def test_high_lane_not_blocked_by_normal_flood(settings_factory: Any,

@@ -292,3 +292,14 @@ def test_implausible_and_uncarriable_delays_are_refused_at_the_call() -> None:
     tiny, _ = make(delay_topics={1: "d1"})
     with pytest.raises(InvalidDelayError, match="65535"):
         tiny.publish.remote(topic="t", message=1, delay_seconds=70_000)
+
+
+def test_a_caller_chosen_id_is_refused_beyond_the_cancel_horizon() -> None:
+    """An id is remembered for ``republisher.cancel_horizon_s``: a delay longer than that
+    with a caller-chosen id could not be cancelled or deduplicated, so it is refused."""
+    handle, _ = make(delay_topics={1: "d1", 60: "d60"},
+                     republisher={"cancel_horizon_s": 3600})
+    with pytest.raises(InvalidDelayError, match="cancel_horizon_s"):
+        handle.publish.remote(topic="t", message=1, delay_seconds=7200, message_id="late")
+    handle.publish.remote(topic="t", message=1, delay_seconds=7200)  # no id: fine
+    handle.publish.remote(topic="t", message=1, delay_seconds=1800, message_id="soon")

@@ -683,3 +683,31 @@ async def test_a_bucket_actor_that_cannot_start_again_and_again_exits(
         assert (await actor.stats())["restarts"] >= 2
     finally:
         await actor.stop()
+
+
+def test_the_ids_log_forgets_an_id_after_the_cancel_horizon() -> None:
+    """What a republisher remembers of caller-chosen ids is bounded: an id is forgotten
+    ``cancel_horizon_s`` (plus the retention margin) after its last event or due time, and
+    a tombstone forgets it at once."""
+    from types import SimpleNamespace
+
+    from athomic import envelope as env_mod
+    from athomic.republisher.ids import CANCELLED, IdLog
+
+    s = settings(republisher={"cancel_horizon_s": 60, "retention_margin_s": 10})
+    log = IdLog(s, FakeKafka(), None)
+
+    def record(mid: str, event: Any) -> Any:
+        value = None if event is None else env_mod.encode_id_event(mid, event)
+        return SimpleNamespace(key=mid.encode(), value=value, partition=0, offset=0)
+
+    t = 1_000_000
+    log._apply(record("a", env_mod.IdEvent(env_mod.CANCELLED, t)))
+    log._apply(record("b", env_mod.IdEvent(env_mod.SCHEDULED, t, t + 30_000, b"v" * 16)))
+    log._apply(record("c", env_mod.IdEvent(env_mod.CANCELLED, t)))
+    log._apply(record("c", None))  # a tombstone
+    assert log.verdict("a", b"v" * 16) == CANCELLED and set(log.ids) == {"a", "b"}
+    log._expire(t + 70_000 + 1)  # past a's horizon, not b's (counted from its due time)
+    assert set(log.ids) == {"b"}
+    log._expire(t + 30_000 + 70_000 + 1)
+    assert log.ids == {} and log.verdict("a", b"v" * 16) is None
