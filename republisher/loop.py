@@ -769,9 +769,11 @@ class BucketRepublisher:
                 else:
                     h.cascade = Cascade(target, now)
         due.sort(key=lambda h: (h.rank, h.release_ms, h.offset))
+        # Per key, due order (then offset) wins over priority: among the final records of
+        # a key, and among its forwarded ones (a hop lands after the key's earlier ones).
         by_key: dict[bytes, list[int]] = {}
         for i, h in enumerate(due):
-            if h.action == FINAL and h.env is not None and h.env.key is not None:
+            if h.action in (FINAL, CASCADE) and h.env is not None and h.env.key is not None:
                 by_key.setdefault(h.env.key, []).append(i)
         for slots in by_key.values():
             if len(slots) > 1:

@@ -423,8 +423,11 @@ def _why(copies: dict[tuple[str, str], list[Seen]], topic: str, m1: str, m2: str
     c1, c2 = copies.get((m1, topic), []), copies.get((m2, topic), [])
     if not c1 or not c2:
         return "in_partition"
-    last2 = max(c2, key=lambda r: r.offset)  # the copy m2 was released from
     released2 = min(r.timestamp for r in by_id[m2])
+    # the copy m2 was released from: its last one appended before its release (a later
+    # copy is a duplicate, from an upstream bucket that restarted, and was skipped)
+    before = [r for r in c2 if r.timestamp <= released2] or c2
+    last2 = max(before, key=lambda r: r.offset)
     same = [r for r in c1 if r.partition == last2.partition]
     if not same:
         return "other_partition"

@@ -105,3 +105,38 @@ def test_a_copy_that_never_comes_stops_holding_its_key_back() -> None:
     part.copies[b"k"] = {"m1": ((1_000, 5), 9_000)}
     BucketRepublisher._copy_back(part, b"k", "m1", 12)  # its copy, read back
     assert part.copies == {}
+
+
+async def test_a_high_message_does_not_overtake_an_earlier_one_of_its_key_on_a_hop() -> None:
+    """HIGH goes first when many are due at once, but not past an earlier message of its
+    key: both due at once, published NORMAL then HIGH, hop into the same bucket together;
+    their copies (and so their final records) keep publish order."""
+    kafka = FakeKafka()
+    kafka.create_topic("final", 1)
+    kafka.create_topic("d.1s", 1)
+    s = MessagingSettings(
+        delay_topics={1: "d.1s", 10: "d.10s", 60: "d.1m"},
+        republisher={"partitions": 1, "linger_ms": 0, "near_window_s": 0.5,
+                     "partition_refresh_s": 0.3, "dead_letter_topic": "dlq"})
+    base = time.time()
+    first = _request(2.8, b"first", base)
+    high = PublishRequest("final", b"high", b"same-key", [], "application/octet-stream", None,
+                          MessagePriority.HIGH, first.deliver_at, str(uuid.uuid4()), base,
+                          None)
+    await _publish(kafka, s, first)
+    await _publish(kafka, s, high)
+    rep = BucketRepublisher(s, "d.1s", clients=kafka)
+    await rep.start()
+    task = asyncio.create_task(rep.run())
+    try:
+        deadline = time.monotonic() + 20
+        while len(kafka.records("final")) < 2:
+            assert time.monotonic() < deadline, "not delivered"
+            await asyncio.sleep(0.05)
+    finally:
+        rep.stop()
+        await task
+        await rep.close()
+    copies = [r.value for r in kafka.records("d.1s")]
+    assert len(copies) == 4  # each published, then one hop into the same bucket
+    assert [r.value for r in kafka.records("final")] == [b"first", b"high"]
