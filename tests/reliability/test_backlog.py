@@ -42,7 +42,7 @@ def test_backlog_of_200k_with_every_replica_restarted(scenario: Callable[..., Ru
     before = _stats(actors)
     assert len(before) == len(actors) == 2 * len(run.buckets)
     baseline = {n: rss_mb(s["pid"]) for n, s in before.items()}
-    run.notes["rss_mb_before"] = {n.rsplit(".", 3)[-3] + "." + n.rsplit(".", 1)[-1]: v
+    run.notes["rss_mb_before"] = {n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1]: v
                                   for n, v in baseline.items()}
 
     # (the handle first: ProducerFactory.create asks the DelayBucketActors how they are)
@@ -96,7 +96,7 @@ def test_backlog_of_200k_with_every_replica_restarted(scenario: Callable[..., Ru
         time.sleep(1)
     drained_at = run.fault("backlog delivered (nothing waits in the delay topic)")
     after = _stats(actors)
-    short = {n: n.rsplit(".", 3)[-3] + "." + n.rsplit(".", 1)[-1] for n in actors}
+    short = {n: n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1] for n in actors}
     run.notes.update(
         max_held=MAX_HELD, held_peak={short[n]: v for n, v in peak_held.items()},
         rss_mb_peak={short[n]: round(v, 1) for n, v in peak_rss.items()},
