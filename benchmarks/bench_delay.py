@@ -72,7 +72,8 @@ def consume(bootstrap: str, topic: str, expected: int, timeout: float, out: Any)
 
 
 def lateness(bootstrap: str, rate: int, seconds: int, near: float | None = None, *,
-             ids: bool = False, cancel_share: float = 0.0) -> dict[str, Any]:
+             ids: bool = False, cancel_share: float = 0.0,
+             compact: bool = True) -> dict[str, Any]:
     """``ids``: every message gets a caller-chosen id (so its release waits for the ids
     topic); ``cancel_share``: that share of them (among those due in 2 s or more) is
     cancelled right after publishing."""
@@ -83,7 +84,8 @@ def lateness(bootstrap: str, rate: int, seconds: int, near: float | None = None,
                4: f"bench.delay.{tag}.4s", 8: f"bench.delay.{tag}.8s"}
     settings = MessagingSettings(
         bootstrap_servers=bootstrap, connection_name=f"bd{tag}", delay_topics=buckets,
-        republisher={} if near is None else {"near_window_s": near})
+        republisher={**({} if near is None else {"near_window_s": near}),
+                     **({} if compact else {"compact_after_s": None})})
     handle = ProducerFactory.create(settings)
     final = f"bench.final.{tag}"
     total = rate * seconds
@@ -247,6 +249,8 @@ def main() -> None:
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--cancel", action="store_true",
                         help="also with caller-chosen ids, and with 10%% cancelled")
+    parser.add_argument("--compact-ab", action="store_true",
+                        help="lateness with held messages compact (default) and as objects")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     report: dict[str, Any] = {"machine": machine()}
@@ -255,6 +259,8 @@ def main() -> None:
                     "caller ids, 10% cancelled": {"ids": True, "cancel_share": 0.1}}
         if not args.cancel:
             variants = {"auto ids": {}}
+        if args.compact_ab:  # held messages compact (the default) vs as objects
+            variants = {"auto ids": {}, "auto ids, held as objects": {"compact": False}}
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
         for run in range(1, args.runs + 1):
             for name, options in variants.items():

@@ -98,8 +98,6 @@ CASCADE, DEAD_LETTER, RESTAGE = "cascade", "dead_letter", "restage"
 CLAIMING, OWNED, RELEASED, REFUSED = "claiming", "owned", "released", "refused"
 _MISSING_TOPIC_RECHECK_MS = 2_000
 _TOPIC_CHECK_S = 5.0
-_COLD_AFTER_MS = 1_000
-"""A message read more than this before it is due is held compactly (``HeldStore``)."""
 
 
 def now_ms() -> int:
@@ -276,6 +274,9 @@ class BucketRepublisher:
         self._copy_within_ms = round(1000 * (self.bucket_s + 3 * rep.ack_timeout_s)) + \
             10_000 + self.read_ahead_ms
         self.keys = envelope_keys(settings)
+        # held compactly when read this long before due (never: a bound no wait reaches)
+        self._cold_after_ms = 2**62 if rep.compact_after_s is None else \
+            round(rep.compact_after_s * 1000)
         self.ids = IdLog(settings, clients, self.keys)
         self.parts: dict[TopicPartition, Partition] = {}
         self.held = 0
@@ -560,7 +561,7 @@ class BucketRepublisher:
             if part.copies and env.key is not None:
                 self._copy_back(part, env.key, env.message_id, record.offset)
             held = self._plan(record.offset, env, now)
-            if held.release_ms - now > _COLD_AFTER_MS:
+            if held.release_ms - now > self._cold_after_ms:
                 part.freeze(held, record.value)
                 self.held += 1
             else:
