@@ -711,3 +711,19 @@ def test_the_ids_log_forgets_an_id_after_the_cancel_horizon() -> None:
     assert set(log.ids) == {"b"}
     log._expire(t + 30_000 + 70_000 + 1)
     assert log.ids == {} and log.verdict("a", b"v" * 16) is None
+
+
+@pytest.mark.parametrize("compact_after_s", [1.0, None])
+async def test_held_messages_wait_compactly_unless_turned_off(
+        kafka: FakeKafka, compact_after_s: float | None) -> None:
+    """``republisher.compact_after_s``: read 3 s before due, a message waits in the compact
+    store by default, as objects with ``None``; delivered the same either way."""
+    s = settings(republisher={"near_window_s": 5.0, "compact_after_s": compact_after_s})
+    req = request(delay_s=3.0)
+    topic = await publish(kafka, s, req)
+    async with running(s, kafka, topic) as rep:
+        await until(lambda: rep.held == 1)
+        (part,) = [p for p in rep.parts.values() if len(p.store)]
+        assert part.store.cold == (1 if compact_after_s is not None else 0)
+        await until(lambda: len(delivered(kafka)) == 1, timeout=10)
+    assert ids(delivered(kafka)) == [req.message_id]
