@@ -436,10 +436,12 @@ class RepublisherSettings(_Section):
     transactions, more memory (about rate x window messages)."""
     max_held: int = Field(100_000, ge=100)
     """Messages a DelayBucketActor holds in memory at most; it pauses reading beyond."""
-    compact_after_s: float | None = Field(1.0, ge=0)
+    compact_after_s: float | None = Field(5.0, ge=0)
     """A message read more than this before it is due waits compactly (its record
-    compressed in an arena, about 1.2 x its payload instead of 2.3 x) and is decoded again
-    when it leaves; ``None`` keeps every held message as objects (more memory, less CPU)."""
+    compressed in an arena: 1.36 x a 1 KiB payload in RSS instead of about 2.2 x) and is
+    decoded again when it leaves; ``None`` keeps every held message as objects (more memory,
+    less CPU). Messages that leave within moments (the default near window is 2 s) do not
+    pay for compression; long waits (a large near window) do."""
     max_batch: int = Field(5_000, ge=1)
     """Messages republished per Kafka transaction at most."""
     linger_ms: int = Field(50, ge=0, le=1000)
