@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import json
 import logging
 import os
@@ -134,6 +135,14 @@ def _connect(args: argparse.Namespace) -> str:
         # groups itself (down, or up once a layout is replaced).
         logging.getLogger("ray.actor").setLevel(logging.ERROR)
     sys.stdout = sys.stderr  # see _say
+    with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+        # Ray's own threads also write to the process's stdout (file descriptor 1, or
+        # sys.__stdout__): the command's output gets a descriptor of its own, and 1 goes to
+        # stderr, so `athomic status --json | jq` reads the report alone.
+        _OUT[0].flush()
+        own = os.dup(_OUT[0].fileno())
+        os.dup2(sys.stderr.fileno(), _OUT[0].fileno())
+        _OUT[0] = os.fdopen(own, "w", buffering=1)
     return str(ray.get_runtime_context().gcs_address)
 
 

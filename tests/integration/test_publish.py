@@ -360,7 +360,9 @@ async def test_actor_restart_after_kill_keeps_handle_working(producer: Any,
 async def test_a_handle_finds_its_lane_again_after_the_actor_was_replaced(
         settings_factory: Any, kafka_bootstrap: str, topic: str) -> None:
     """athomic up replaces a producer under the same name: a handle held by a driver fails
-    the calls in flight at most, then finds the new actor by name."""
+    the calls made before it learnt of the replacement (it learns when a failed call
+    completes, on Ray's callback thread: the call right after may still go to the old
+    actor), then finds the new actor by name."""
     from athomic.actors.topology import NAMESPACE, producer_actor_name
 
     settings = settings_factory()
@@ -373,15 +375,17 @@ async def test_a_handle_finds_its_lane_again_after_the_actor_was_replaced(
     ray.kill(old, no_restart=True)
     ProducerFactory.create(settings)  # the new one, same name
     outcomes = []
-    for n in range(1, 4):
+    for n in range(1, 5):
         try:
             outcomes.append(ray.get(handle.publish.remote(topic=topic, message={"n": n})))
         except ray.exceptions.RayActorError:
-            outcomes.append(None)  # the call that found the old actor gone
-    assert outcomes[-2:] == [PublishingOutcome.SUCCESS_DIRECT] * 2
+            outcomes.append(None)  # a call that found the old actor gone
+    assert outcomes[-2:] == [PublishingOutcome.SUCCESS_DIRECT] * 2, outcomes
+    assert outcomes.count(None) <= 2, outcomes
     records = await read_records(kafka_bootstrap, topic, 1 + outcomes.count(
         PublishingOutcome.SUCCESS_DIRECT))
-    assert {json.loads(r.value)["n"] for r in records} >= {0, 2, 3}
+    assert {json.loads(r.value)["n"] for r in records} >= {0} | {
+        n for n, outcome in enumerate(outcomes, 1) if outcome is not None}
 
 
 def test_bulk_lanes_run_at_a_lower_scheduling_priority(settings_factory: Any) -> None:
