@@ -40,7 +40,6 @@ SHARED_SCHEMAS = ROOT.parent / "shared" / "kuberay"  # where the vendored copies
 SCHEMA_FILES = ("RayCluster.v1.schema.json", "RayJob.v1.schema.json",
                 "RayService.v1.schema.json")
 
-needs_bash = pytest.mark.usefixtures()  # bash is part of the supported setup: never skipped
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -198,7 +197,6 @@ def test_ray_cluster_yaml_matches_rays_schema() -> None:
     assert any("pip install" in c and "athomic" in c for c in config["setup_commands"])
 
 
-@needs_bash
 def test_ray_cluster_commands_are_valid_bash() -> None:
     config = launcher_config()
     for field in ("initialization_commands", "setup_commands", "head_setup_commands",
@@ -212,7 +210,6 @@ def test_ray_cluster_commands_are_valid_bash() -> None:
             assert not re.search(r"[\"']~", command), f"{field}: quoted ~ in {command!r}"
 
 
-@needs_bash
 def test_ray_cluster_setup_installs_the_mounted_checkout_with_data_extra(
         tmp_path: Path) -> None:
     config = launcher_config()
@@ -230,7 +227,6 @@ def test_ray_cluster_setup_installs_the_mounted_checkout_with_data_extra(
     assert args[args.index("-e") + 1] == f"{home}/athomic[data]"
 
 
-@needs_bash
 def test_ray_cluster_head_runs_athomic_up_after_ray_start(tmp_path: Path) -> None:
     config = launcher_config()
     calls: list[list[str]] = []
@@ -250,7 +246,6 @@ def test_ray_cluster_head_runs_athomic_up_after_ray_start(tmp_path: Path) -> Non
     assert up[up.index("--address") + 1] == "auto"
 
 
-@needs_bash
 def test_ray_cluster_head_reports_a_failing_athomic_up(tmp_path: Path) -> None:
     """The retry loop ends, with a failure `ray up` shows, when athomic up keeps failing."""
     command = launcher_config()["head_start_ray_commands"][-1]
@@ -414,7 +409,6 @@ def test_example_secret_is_refused_as_is(tmp_path: Path) -> None:
         MessagingSettings.from_toml(config)
 
 
-@needs_bash
 def test_raycluster_head_runs_athomic_up_with_the_mounted_config(tmp_path: Path) -> None:
     objects = kuberay_objects()
     cluster = objects[("RayCluster", "athomic")]
@@ -436,7 +430,6 @@ def test_raycluster_head_runs_athomic_up_with_the_mounted_config(tmp_path: Path)
     assert health < calls.index(ups[0])
 
 
-@needs_bash
 def test_rayjob_runs_athomic_up_then_its_mounted_script(tmp_path: Path) -> None:
     objects = kuberay_objects()
     job = objects[("RayJob", "athomic-publish")]
