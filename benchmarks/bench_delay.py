@@ -73,7 +73,8 @@ def consume(bootstrap: str, topic: str, expected: int, timeout: float, out: Any)
 
 def lateness(bootstrap: str, rate: int, seconds: int, near: float | None = None, *,
              ids: bool = False, cancel_share: float = 0.0,
-             compact: bool = True) -> dict[str, Any]:
+             compact: bool = True, republisher: dict[str, Any] | None = None
+             ) -> dict[str, Any]:
     """``ids``: every message gets a caller-chosen id (so its release waits for the ids
     topic); ``cancel_share``: that share of them (among those due in 2 s or more) is
     cancelled right after publishing."""
@@ -85,7 +86,8 @@ def lateness(bootstrap: str, rate: int, seconds: int, near: float | None = None,
     settings = MessagingSettings(
         bootstrap_servers=bootstrap, connection_name=f"bd{tag}", delay_topics=buckets,
         republisher={**({} if near is None else {"near_window_s": near}),
-                     **({} if compact else {"compact_after_s": None})})
+                     **({} if compact else {"compact_after_s": None}),
+                     **(republisher or {})})
     handle = ProducerFactory.create(settings)
     final = f"bench.final.{tag}"
     total = rate * seconds
@@ -251,9 +253,14 @@ def main() -> None:
                         help="also with caller-chosen ids, and with 10%% cancelled")
     parser.add_argument("--compact-ab", action="store_true",
                         help="lateness with held messages compact (default) and as objects")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a republisher setting for the lateness runs (JSON value), "
+                             "e.g. --set linger_ms=20")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
-    report: dict[str, Any] = {"machine": machine()}
+    overrides = {name: json.loads(value) for name, value in
+                 (item.split("=", 1) for item in args.set)}
+    report: dict[str, Any] = {"machine": machine(), "republisher": overrides}
     if not args.skip_lateness:
         variants = {"auto ids": {}, "caller ids": {"ids": True},
                     "caller ids, 10% cancelled": {"ids": True, "cancel_share": 0.1}}
@@ -266,6 +273,7 @@ def main() -> None:
             for name, options in variants.items():
                 with kafka_and_ray() as bootstrap:
                     runs[name].append(lateness(bootstrap, args.rate, args.seconds,
+                                               republisher=overrides,
                                                **options))  # type: ignore[arg-type]
                 r = runs[name][-1]
                 print(f"lateness run {run} ({name}): {r['received']}/"

@@ -633,7 +633,9 @@ class BucketRepublisher:
                      tp.partition, why)
             return
         producer = self.clients.producer(
-            **self.settings.kafka_client_options(), transactional_id=part.transactional_id,
+            **{**self.settings.kafka_client_options(),
+               "retry_backoff_ms": self.rep.txn_retry_backoff_ms},
+            transactional_id=part.transactional_id,
             enable_idempotence=True, acks="all", linger_ms=0,
             max_batch_size=self.settings.producer.max_batch_size,
             max_request_size=self.settings.producer.max_request_size + 64 * 1024,
