@@ -136,6 +136,7 @@ M_DURATION = "messaging.client.operation.duration"
 M_BATCH_SIZE = "athomic.publish.batch.size"
 M_LATENESS = "athomic.delay.lateness"
 M_HELD = "athomic.delay.held"
+M_SKEW = "athomic.delay.clock_skew"
 M_DLQ = "athomic.dlq.messages"
 M_ERRORS = "athomic.errors"
 
@@ -427,6 +428,8 @@ _DESCRIPTIONS = {
     M_BATCH_SIZE: "Messages per publish_batch call.",
     M_LATENESS: "How late a delayed message was delivered after its deliver_at.",
     M_HELD: "Delayed messages read from a delay topic and not yet delivered.",
+    M_SKEW: "How far the brokers' clock is ahead of this republisher's (negative: "
+            "behind), as measured against broker timestamps.",
     M_DLQ: "Messages written to a dead-letter topic.",
     M_ERRORS: "Errors athomic raised or recorded.",
 }
@@ -440,6 +443,7 @@ METRIC_ATTRIBUTES: dict[str, tuple[str, ...]] = {
                    MESSAGING_DESTINATION_NAME),
     M_LATENESS: (*_CONN_KEYS, ATHOMIC_DELAY_TOPIC, MESSAGING_DESTINATION_NAME),
     M_HELD: (*_CONN_KEYS, ATHOMIC_DELAY_TOPIC),
+    M_SKEW: (*_CONN_KEYS, ATHOMIC_DELAY_TOPIC),
     M_DLQ: (*_CONN_KEYS, ATHOMIC_SOURCE_TOPIC, ERROR_TYPE),
     M_ERRORS: (*_CONN_KEYS, ERROR_TYPE, MESSAGING_OPERATION_NAME, MESSAGING_DESTINATION_NAME),
 }
@@ -457,6 +461,10 @@ class _Adder(Protocol):
 
 class _Recorder(Protocol):
     def record(self, amount: int | float, attributes: Attributes = None) -> None: ...
+
+
+class _Setter(Protocol):
+    def set(self, amount: int | float, attributes: Attributes = None) -> None: ...
 
 
 class RayMetricsAPI(Protocol):
@@ -516,6 +524,14 @@ class _RayHistogram(_RayMirror):
     def record(self, amount: int | float, attributes: Attributes = None) -> None:
         self._otel.record(amount, attributes)
         self._ray.observe(amount, self._tags(attributes))
+
+
+class _RayGauge(_RayMirror):
+    __slots__ = ()
+
+    def set(self, amount: int | float, attributes: Attributes = None) -> None:
+        self._otel.set(amount, attributes)
+        self._ray.set(amount, self._tags(attributes))
 
 
 class _RayUpDownCounter(_RayMirror):
@@ -596,6 +612,8 @@ class Telemetry:
             explicit_bucket_boundaries_advisory=list(_LATENESS_BUCKETS))
         self._held: _Adder = meter.create_up_down_counter(
             M_HELD, unit="{message}", description=_DESCRIPTIONS[M_HELD])
+        self._skew: _Setter = meter.create_gauge(
+            M_SKEW, unit="s", description=_DESCRIPTIONS[M_SKEW])
         self._dlq: _Adder = meter.create_counter(
             M_DLQ, unit="{message}", description=_DESCRIPTIONS[M_DLQ])
         self._errors: _Adder = meter.create_counter(
@@ -615,6 +633,7 @@ class Telemetry:
         self._lateness = _RayHistogram(
             self._lateness, histogram(M_LATENESS, _LATENESS_BUCKETS), M_LATENESS)
         self._held = _RayUpDownCounter(self._held, _ray_metric(api.Gauge, M_HELD), M_HELD)
+        self._skew = _RayGauge(self._skew, _ray_metric(api.Gauge, M_SKEW), M_SKEW)
         self._dlq = _RayCounter(self._dlq, _ray_metric(api.Counter, M_DLQ), M_DLQ)
         self._errors = _RayCounter(self._errors, _ray_metric(api.Counter, M_ERRORS), M_ERRORS)
 
@@ -879,6 +898,13 @@ class Telemetry:
             attrs = dict(self._conn)
             attrs[ATHOMIC_DELAY_TOPIC] = delay_topic
             self._held.add(delta, attrs)
+
+    def record_clock_skew(self, seconds: float, *, delay_topic: str) -> None:
+        """The republisher's latest estimate of broker clock - its own clock."""
+        if self.metrics:
+            attrs = dict(self._conn)
+            attrs[ATHOMIC_DELAY_TOPIC] = delay_topic
+            self._skew.set(seconds, attrs)
 
     def record_dlq(self, *, source_topic: str, error_type: str, count: int = 1) -> None:
         """``count`` messages from ``source_topic`` written to a dead-letter topic."""

@@ -1293,7 +1293,10 @@ class BucketRepublisher:
 
     def _check_skew(self) -> None:
         skew = self.skew.estimate()
-        if skew is None or abs(skew) <= self.rep.max_clock_skew_ms:
+        if skew is None:
+            return
+        self.telemetry.record_clock_skew(skew / 1000, delay_topic=self.topic)
+        if abs(skew) <= self.rep.max_clock_skew_ms:
             return
         if time.monotonic() - self._skew_warned > 60:
             self._skew_warned = time.monotonic()

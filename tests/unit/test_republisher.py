@@ -513,6 +513,31 @@ async def test_clock_skew_is_measured_against_the_brokers(kafka: FakeKafka) -> N
         assert abs(rep.stats()["clock_skew_ms"]) < 1000
 
 
+async def test_clock_skew_is_a_metric(kafka: FakeKafka) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from athomic.settings import TelemetrySettings
+    from athomic.telemetry import Telemetry
+
+    reader = InMemoryMetricReader()
+    meters = MeterProvider(metric_readers=[reader])
+    s = settings()
+    async with running(s, kafka, "d.1s") as rep:
+        rep.telemetry = Telemetry(TelemetrySettings(traces=False), servers=[],
+                                  meter_provider=meters)
+        await publish(kafka, s, request(delay_s=0.2))
+        await until(lambda: rep.stats()["clock_skew_ms"] is not None)
+        data = reader.get_metrics_data()
+        assert data is not None
+        (gauge,) = [m for rm in data.resource_metrics for sm in rm.scope_metrics
+                    for m in sm.metrics if m.name == "athomic.delay.clock_skew"]
+        (point,) = gauge.data.data_points
+        assert dict(point.attributes)["athomic.delay.topic"] == "d.1s"
+        assert point.value == pytest.approx(rep.skew.estimate() / 1000)
+    meters.shutdown()
+
+
 # --- replaying dead letters ----------------------------------------------------------------
 async def test_dead_letters_replay_once_each_where_they_belong(kafka: FakeKafka) -> None:
     from athomic.republisher.dlq import replay

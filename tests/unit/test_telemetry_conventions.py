@@ -262,6 +262,7 @@ def test_republisher_metric_attribute_sets(setup: Setup) -> None:
     tel.record_error(translate(NotEnoughReplicasError()), operation="republish", topic="n")
     tel.record_lateness(0.1, delay_topic="d", topic="n")
     tel.add_delayed_held(2, delay_topic="d")
+    tel.record_clock_skew(-0.004, delay_topic="d")
     tel.record_dlq(source_topic="d", error_type="MalformedEnvelopeError")
     got = {name: attrs for name, attrs, _ in setup.points()}
     assert got == {
@@ -274,6 +275,7 @@ def test_republisher_metric_attribute_sets(setup: Setup) -> None:
         "athomic.delay.lateness": {**CONN, "athomic.delay.topic": "d",
                                    "messaging.destination.name": "n"},
         "athomic.delay.held": {**CONN, "athomic.delay.topic": "d"},
+        "athomic.delay.clock_skew": {**CONN, "athomic.delay.topic": "d"},
         "athomic.dlq.messages": {**CONN, "athomic.source.topic": "d",
                                  "error.type": "MalformedEnvelopeError"},
     }
@@ -634,14 +636,15 @@ def test_ray_metrics_mirror_every_point() -> None:
     tel.add_delayed_held(3, delay_topic="d")
     tel.add_delayed_held(-1, delay_topic="d")
     tel.record_lateness(0.2, delay_topic="d", topic="orders")
+    tel.record_clock_skew(0.5, delay_topic="d")
     tel.record_dlq(source_topic="d", error_type="X")
     made = ray_api.made
     assert {name: m.kind for name, m in made.items()} == {
         "messaging_client_sent_messages": "counter",
         "messaging_client_operation_duration": "histogram",
         "athomic_publish_batch_size": "histogram", "athomic_delay_lateness": "histogram",
-        "athomic_delay_held": "gauge", "athomic_dlq_messages": "counter",
-        "athomic_errors": "counter"}
+        "athomic_delay_held": "gauge", "athomic_delay_clock_skew": "gauge",
+        "athomic_dlq_messages": "counter", "athomic_errors": "counter"}
     conn = {"messaging_system": "kafka", "server_address": "broker-1", "server_port": "9093"}
     sent = made["messaging_client_sent_messages"].calls
     assert sorted(sent, key=repr) == sorted([
@@ -657,6 +660,8 @@ def test_ray_metrics_mirror_every_point() -> None:
     assert made["messaging_client_operation_duration"].boundaries == list(
         tm._DURATION_BUCKETS)
     assert [v for v, _ in made["athomic_delay_held"].calls] == [3, 2]  # running total
+    assert made["athomic_delay_clock_skew"].calls == [
+        (0.5, {**conn, "athomic_delay_topic": "d"})]
     assert made["athomic_publish_batch_size"].calls[0][0] == 2
     # and the OpenTelemetry instruments still got every point
     data = reader.get_metrics_data()
