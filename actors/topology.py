@@ -431,7 +431,7 @@ def _plan_topics(settings: MessagingSettings, topics: Mapping[str, TopicState]
                 "dead letters" if topic == rep.dead_letter_topic else "athomic")
         state = topics.get(topic)
         if state is None:
-            detail = (f"{rep.partitions} partitions, keeps "
+            detail = (f"{_partitions(rep.topic_partitions)}, keeps "
                       f"{_days(created_retention_ms(settings, bucket))}"
                       if bucket is not None else "")
             changes.append(TopicChange(CREATE, topic, role, detail))
@@ -446,9 +446,17 @@ def _plan_topics(settings: MessagingSettings, topics: Mapping[str, TopicState]
                 "before they are due; raise the topic's retention.ms or use another topic")
         kept = ("" if keeps is None else ", keeps forever" if keeps < 0
                 else f", keeps {_days(keeps)}")
+        idle = rep.replicas - state.partitions
+        if bucket is not None and idle > 0:  # picked up once partitions are added
+            kept += (f"; {idle} of {rep.replicas} replicas own no partition "
+                     "(add partitions to use them)")
         changes.append(TopicChange(UNCHANGED, topic, role,
-                                   f"{state.partitions} partitions{kept}"))
+                                   f"{_partitions(state.partitions)}{kept}"))
     return tuple(changes)
+
+
+def _partitions(count: int) -> str:
+    return f"{count} partition{'' if count == 1 else 's'}"
 
 
 def missing_resources(demands: Sequence[float], nodes: Sequence[float]) -> str | None:

@@ -422,8 +422,12 @@ class RepublisherSettings(_Section):
     replicas: int = Field(1, ge=1, le=64)
     """DelayBucketActors per delay topic; they split its partitions and are spread over
     the cluster's nodes."""
-    partitions: int = Field(3, ge=1)
-    """Partitions of a delay topic created by athomic."""
+    partitions: int | None = Field(None, ge=1)
+    """Partitions of a delay topic (and of the ids and released-ids topics) created by
+    athomic; default one per replica. Each partition is a stream of transactions of its
+    own (under its own transactional id: what fences an older owner), so partitions
+    beyond the replicas cost the brokers work and add lateness. A replica beyond the
+    partition count owns nothing until partitions are added (they are picked up)."""
     replication_factor: int | None = Field(None, ge=1)
     """Replication of created topics (None: the brokers' default)."""
     retention_margin_s: float = Field(86_400.0, ge=0)
@@ -507,6 +511,11 @@ class RepublisherSettings(_Section):
     """Accept envelopes without authentication although keys are set: only while turning
     authentication on, until the envelopes written before have been delivered."""
     actor_num_cpus: float = Field(0.0, ge=0)
+
+    @property
+    def topic_partitions(self) -> int:
+        """Partitions of the topics athomic creates: ``partitions``, else ``replicas``."""
+        return self.partitions or self.replicas
 
     @field_validator("dead_letter_topic", "released_topic", "ids_topic")
     @classmethod

@@ -326,8 +326,13 @@ class BucketRepublisher:
         self._adopt(counts[self.topic])
         self._next_refresh = time.monotonic() + self.rep.partition_refresh_s
         self.running = True
-        log.info("republisher %s replica %d/%d started on partitions %s", self.topic,
-                 self.replica, self.replicas, sorted(tp.partition for tp in self.parts))
+        if self.parts:
+            log.info("republisher %s replica %d/%d started on partitions %s", self.topic,
+                     self.replica, self.replicas, sorted(tp.partition for tp in self.parts))
+        else:  # more replicas than partitions: stands by, takes partitions added later
+            log.warning("republisher %s replica %d/%d owns no partition (the topic has %d):"
+                        " add partitions to use it", self.topic, self.replica,
+                        self.replicas, counts[self.topic])
 
     def _adopt(self, partition_count: int) -> None:
         """Take on the partitions of this replica that are new (the topic grew)."""
@@ -1307,8 +1312,9 @@ class BucketRepublisher:
 
     # --- introspection -------------------------------------------------------------------
     def ready(self) -> bool:
-        """Every partition of this replica claimed, refused or standing back."""
-        return self.running and bool(self.parts) and all(
+        """Every partition of this replica claimed, refused or standing back (none: a
+        replica beyond the partition count is ready, standing by)."""
+        return self.running and all(
             p.state == OWNED or p.yielded for p in self.parts.values())
 
     def refused(self) -> list[str]:

@@ -62,7 +62,7 @@ async def ensure_topics(settings: MessagingSettings, topics: dict[float, str],
         replication = rep.replication_factor or min(3, await admin.broker_count())
         # Delay topics are stamped with the brokers' clock: what the republisher measures
         # its own clock against.
-        new = [TopicSpec(t, rep.partitions, replication,
+        new = [TopicSpec(t, rep.topic_partitions, replication,
                          {"retention.ms": str(created_retention_ms(settings, wanted[t])),
                           "message.timestamp.type": "LogAppendTime"})
                for t in wanted if t not in existing]
@@ -72,14 +72,14 @@ async def ensure_topics(settings: MessagingSettings, topics: dict[float, str],
             # Compacted (the latest event per id) and deleted after the horizon: entries
             # expire on their own.
             keep_ms = round((rep.cancel_horizon_s + rep.retention_margin_s) * 1000)
-            new.append(TopicSpec(ids, rep.partitions, replication,
+            new.append(TopicSpec(ids, rep.topic_partitions, replication,
                                  {"cleanup.policy": "compact,delete",
                                   "retention.ms": str(keep_ms),
                                   "segment.ms": str(min(keep_ms, 3_600_000)),
                                   "min.cleanable.dirty.ratio": "0.2"}))
         if with_dead_letter and released not in existing:
             keep_ms = round(rep.dedupe_window_s * 1000) + 3_600_000
-            new.append(TopicSpec(released, rep.partitions, replication,
+            new.append(TopicSpec(released, rep.topic_partitions, replication,
                                  {"retention.ms": str(keep_ms), "cleanup.policy": "delete",
                                   "segment.ms": str(min(keep_ms, 600_000)),
                                   "message.timestamp.type": "LogAppendTime"}))

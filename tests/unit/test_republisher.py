@@ -299,6 +299,36 @@ async def test_partitions_added_to_a_delay_topic_are_picked_up(kafka: FakeKafka)
         assert sorted(p.partition for p in rep.parts) == [0, 1, 2]
 
 
+async def test_a_replica_beyond_the_partitions_stands_by_then_takes_added_ones(
+        kafka: FakeKafka) -> None:
+    admin = kafka.admin()
+    await admin.start()
+    s2 = settings(republisher={"partitions": None, "replicas": 2})  # one per replica
+    async with running(s2, kafka, "d.1s", replica=0, replicas=2) as first, \
+            running(s2, kafka, "d.1s", replica=1, replicas=2) as second:
+        assert (await admin.partition_counts(["d.1s"]))["d.1s"] == 2
+        assert [p.partition for p in first.parts] == [0]
+        assert [p.partition for p in second.parts] == [1]
+    await admin.close()
+    kafka = FakeKafka()  # topics created anew, by a layout of one replica
+    kafka.create_topic("final", 1)
+    admin = kafka.admin()
+    await admin.start()
+    s1 = settings(republisher={"partitions": None, "replicas": 1})
+    async with running(s1, kafka, "d.1s", replica=0, replicas=2) as only, \
+            running(s1, kafka, "d.1s", replica=1, replicas=2) as idle:
+        # created for one replica: the second owns nothing, yet is ready (standing by)
+        assert [p.partition for p in only.parts] == [0] and idle.parts == {}
+        assert idle.ready()
+        await admin.create_partitions("d.1s", 2)
+        req = request(delay_s=0.2)
+        record = DelayedPublishStrategy(s1).build(req, Encoded(b"v", []), "final")
+        await write(kafka, "d.1s", record.value, record.key, record.headers, partition=1)
+        await until(lambda: len(delivered(kafka)) == 1)
+        assert [p.partition for p in idle.parts] == [1]
+    await admin.close()
+
+
 # --- failures: never stalled, transient retried, permanent dead-lettered --------------------
 async def test_a_missing_final_topic_neither_stalls_the_partition_nor_retries_forever(
         kafka: FakeKafka) -> None:

@@ -239,6 +239,20 @@ def test_a_delay_topic_keeping_records_too_briefly_is_refused() -> None:
     assert rows["d.10s"] == "6 partitions, keeps forever"
 
 
+def test_created_delay_topics_have_one_partition_per_replica() -> None:
+    """Each partition is a transaction stream of its own: by default no more of them
+    than replicas to run them; more replicas than partitions are shown as idle."""
+    for rep, expected in (({}, 1), ({"replicas": 3}, 3), ({"replicas": 2, "partitions": 6}, 6)):
+        s = settings(republisher=rep)
+        rows = {t.topic: t.detail for t in make_plan(s, [], {}).topics}
+        assert rows["d.10s"].startswith(f"{expected} partition{'s' * (expected > 1)}, keeps")
+    s = settings(republisher={"replicas": 3})
+    existing = all_topics(s) | {"d.10s": TopicState(1, -1)}
+    rows = {t.topic: t.detail for t in make_plan(s, running(s), existing).topics}
+    assert rows["d.10s"] == ("1 partition, keeps forever; 2 of 3 replicas own no "
+                             "partition (add partitions to use them)")
+
+
 def test_without_delay_topics_no_topic_is_planned() -> None:
     s = settings(delay_topics={})
     plan = make_plan(s, [], {})
