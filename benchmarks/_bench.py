@@ -26,17 +26,23 @@ def start_kafka(default_port: str = "29192") -> tuple[str, Callable[[], None]]:
 
 
 @contextmanager
-def kafka_and_ray(num_cpus: int = 4) -> Iterator[str]:
+def local_ray(num_cpus: int = 4) -> Iterator[None]:
     import ray
 
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+             log_to_driver=False, configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@contextmanager
+def kafka_and_ray(num_cpus: int = 4) -> Iterator[str]:
     bootstrap, stop_kafka = start_kafka()
     try:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
-        try:
+        with local_ray(num_cpus):
             yield bootstrap
-        finally:
-            ray.shutdown()
     finally:  # also when Ray failed to start (an overloaded machine)
         stop_kafka()
 

@@ -7,7 +7,9 @@
    ProducerFactory and the DelayBucketActors on a local Ray. A consumer in its own process
    (read_committed) stamps each record on arrival; lateness = arrival - due time. Reports
    p50 / p99 / max, how many arrived early (must be 0), and how many were delivered
-   (must be all, once).
+   (must be all, once). All runs share one broker, first loaded for ``--warmup`` seconds
+   (not counted): a freshly started broker's JVM spends its first minute of load
+   compiling, on the same cores.
 2. Republish throughput: a backlog of ``--backlog`` messages, all due, in one delay topic;
    one DelayBucketActor (run in this process) republishes it, against a plain aiokafka
    transactional consume -> produce loop (read_committed consumer, one transaction per
@@ -28,7 +30,7 @@ import uuid
 from typing import Any
 
 import orjson
-from _bench import kafka_and_ray, machine, median, spread, start_kafka
+from _bench import local_ray, machine, median, spread, start_kafka
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
@@ -253,6 +255,8 @@ def main() -> None:
                         help="also with caller-chosen ids, and with 10%% cancelled")
     parser.add_argument("--compact-ab", action="store_true",
                         help="lateness with held messages compact (default) and as objects")
+    parser.add_argument("--warmup", type=int, default=20, metavar="SECONDS",
+                        help="first load the broker this long, not counted (0: none)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="a republisher setting for the lateness runs (JSON value), "
                              "e.g. --set linger_ms=20")
@@ -269,19 +273,35 @@ def main() -> None:
         if args.compact_ab:  # held messages compact (the default) vs as objects
             variants = {"auto ids": {}, "auto ids, held as objects": {"compact": False}}
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
-        for run in range(1, args.runs + 1):
-            for name, options in variants.items():
-                with kafka_and_ray() as bootstrap:
-                    runs[name].append(lateness(bootstrap, args.rate, args.seconds,
-                                               republisher=overrides,
-                                               **options))  # type: ignore[arg-type]
-                r = runs[name][-1]
-                print(f"lateness run {run} ({name}): {r['received']}/"
-                      f"{r['published'] - r['cancelled']} delivered ({r['unique']} unique, "
-                      f"{r['cancelled']} cancelled), early {r['early']}, p50 "
-                      f"{r['p50'] * 1000:.0f} ms, p99 {r['p99'] * 1000:.0f} ms, max "
-                      f"{r['max'] * 1000:.0f} ms at {r['published_rate']:.0f} msg/s "
-                      "published", flush=True)
+        # One broker for every run (a fresh local Ray each), warmed first: a broker's JVM
+        # compiles its hot paths in its first minute of load, ~17 CPU-seconds here that
+        # would otherwise land in the first run, on the same two cores.
+        bootstrap, stop_kafka = start_kafka()
+        try:
+            if args.warmup:
+                with local_ray():
+                    warm = lateness(bootstrap, args.rate, args.warmup,
+                                    republisher=overrides)
+                print(f"warm-up ({args.warmup} s, not counted): p99 "
+                      f"{warm['p99'] * 1000:.0f} ms, max {warm['max'] * 1000:.0f} ms",
+                      flush=True)
+                report["warmup"] = {k: v for k, v in warm.items()
+                                    if k not in ("quantiles", "tail")}
+            for run in range(1, args.runs + 1):
+                for name, options in variants.items():
+                    with local_ray():
+                        runs[name].append(lateness(bootstrap, args.rate, args.seconds,
+                                                   republisher=overrides,
+                                                   **options))  # type: ignore[arg-type]
+                    r = runs[name][-1]
+                    print(f"lateness run {run} ({name}): {r['received']}/"
+                          f"{r['published'] - r['cancelled']} delivered ({r['unique']} unique, "
+                          f"{r['cancelled']} cancelled), early {r['early']}, p50 "
+                          f"{r['p50'] * 1000:.0f} ms, p99 {r['p99'] * 1000:.0f} ms, max "
+                          f"{r['max'] * 1000:.0f} ms at {r['published_rate']:.0f} msg/s "
+                          "published", flush=True)
+        finally:
+            stop_kafka()
         report["lateness"] = runs
         for name, rs in runs.items():
             per_run_p99 = ", ".join(f"{r['p99'] * 1000:.0f}" for r in rs)
