@@ -299,6 +299,20 @@ async def test_partitions_added_to_a_delay_topic_are_picked_up(kafka: FakeKafka)
         assert sorted(p.partition for p in rep.parts) == [0, 1, 2]
 
 
+async def test_republish_producers_retry_busy_coordinators_soon(kafka: FakeKafka) -> None:
+    """A transaction begun right after the previous one meets CONCURRENT_TRANSACTIONS
+    until the brokers wrote the previous markers: retried after txn_retry_backoff_ms,
+    not the clients' general retry backoff (100 ms on every such transaction)."""
+    s = settings(republisher={"txn_retry_backoff_ms": 7})
+    async with running(s, kafka, "d.1s") as rep:
+        await until(rep.ready)
+    options = [c.options for c in kafka.clients if "transactional_id" in c.options]
+    assert options and all(o["retry_backoff_ms"] == 7 for o in options)
+    others = [c.options for c in kafka.clients if "transactional_id" not in c.options]
+    assert others and all(o["retry_backoff_ms"] == s.producer.retry_backoff_ms
+                          for o in others)
+
+
 async def test_a_replica_beyond_the_partitions_stands_by_then_takes_added_ones(
         kafka: FakeKafka) -> None:
     admin = kafka.admin()
