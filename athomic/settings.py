@@ -467,7 +467,7 @@ class RepublisherSettings(_Section):
     """How long a message failing for transient reasons (brokers away, leaders moving, an
     in-sync quorum short) is retried before it goes to the dead-letter topic."""
     retry_backoff_max_s: float = Field(5.0, gt=0)
-    txn_retry_backoff_ms: int = Field(10, ge=0, le=1000)
+    txn_retry_backoff_ms: int = Field(20, ge=0, le=1000)
     """How soon a republish producer asks its coordinators again when they are busy. A
     transaction begun right after the previous one is refused (``CONCURRENT_TRANSACTIONS``)
     until the brokers have written the previous one's commit markers, a few milliseconds;

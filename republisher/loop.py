@@ -98,6 +98,8 @@ CASCADE, DEAD_LETTER, RESTAGE = "cascade", "dead_letter", "restage"
 CLAIMING, OWNED, RELEASED, REFUSED = "claiming", "owned", "released", "refused"
 _MISSING_TOPIC_RECHECK_MS = 2_000
 _TOPIC_CHECK_S = 5.0
+_IDS_EAGER_MS = 2_000  # the ids topic is read closely from when such a message is read
+# until this long after it is due (or after its release last waited for the topic)
 
 
 def now_ms() -> int:
@@ -566,6 +568,8 @@ class BucketRepublisher:
             if part.copies and env.key is not None:
                 self._copy_back(part, env.key, env.message_id, record.offset)
             held = self._plan(record.offset, env, now)
+            if env.caller_id:  # its release waits for the ids topic: read it closely
+                self.ids.want(held.release_ms + _IDS_EAGER_MS)
             if held.release_ms - now > self._cold_after_ms:
                 part.freeze(held, record.value)
                 self.held += 1
@@ -815,6 +819,7 @@ class BucketRepublisher:
             if env.caller_id and self.ids.synced_through() < env.deliver_at_ms:
                 # not released before the ids topic is read up to its end as of the due
                 # time: a cancel or replacement acknowledged before then wins
+                self.ids.want(now + _IDS_EAGER_MS)
                 h.release_ms = now + 10
                 later.append(h)
                 continue

@@ -693,6 +693,30 @@ async def test_a_cancel_survives_a_restart_of_every_republisher(kafka: FakeKafka
     assert ids(delivered(kafka)) == ["after"]
 
 
+async def test_the_ids_topic_is_read_closely_only_while_a_message_waits_for_it(
+        kafka: FakeKafka) -> None:
+    s = settings()
+    async with running(s, kafka, "d.1s") as rep:
+        consumer = rep.ids._consumer
+        assert consumer is not None
+        polls: list[float] = []
+        real = consumer.getmany
+
+        async def counted(*partitions: Any, **options: Any) -> Any:
+            polls.append(time.monotonic())
+            return await real(*partitions, **options)
+
+        consumer.getmany = counted  # type: ignore[method-assign]
+        await asyncio.sleep(1.5)
+        idle = len(polls)
+        assert 1 <= idle <= 5  # about twice a second: nothing waits for it
+        polls.clear()
+        await publish_with_id(kafka, s, request(delay_s=1.0, message_id="waits"))
+        await until(lambda: len(delivered(kafka)) == 1)
+        assert len(polls) >= 4 * idle  # closely, from when it was read until it left
+    assert ids(delivered(kafka)) == ["waits"]
+
+
 async def test_a_forged_cancel_is_ignored_when_keys_are_set(kafka: FakeKafka) -> None:
     import base64
     import os
@@ -706,7 +730,8 @@ async def test_a_forged_cancel_is_ignored_when_keys_are_set(kafka: FakeKafka) ->
         await publish_with_id(kafka, s, req)
         await record_id(kafka, s, "paid", CANCELLED, signed=False)  # no key: forged
         await until(lambda: len(delivered(kafka)) == 1)
-        assert all(r.ids.refused >= 1 for r in reps)
+        # every republisher ignores it (those holding no such message read it later)
+        await until(lambda: all(r.ids.refused >= 1 for r in reps))
     assert ids(delivered(kafka)) == ["paid"]
 
 
