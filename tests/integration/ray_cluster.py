@@ -8,7 +8,7 @@ through the head's dashboard, or as a driver with ``--address``.
 Each ``ray start`` runs in a new session, so a node's daemons (raylet, GCS, dashboard,
 agents) share its process group; its workers (actors, job drivers) take groups of their
 own, but carry their raylet's pid (``RAY_RAYLET_PID``). ``kill_node`` loses a node with
-``kill -9`` of its raylet; ``stop`` kills exactly this cluster's processes. Never ``ray
+``kill -9`` of its raylet and of those workers; ``stop`` kills exactly this cluster's processes. Never ``ray
 stop``: it stops every Ray on the machine, other tests' included.
 """
 
@@ -256,10 +256,14 @@ class RayCluster:
             time.sleep(0.5)
 
     def kill_node(self, node: Node) -> int:
-        """``kill -9`` the node's raylet: the node is lost, as when its machine fails."""
+        """``kill -9`` the node's raylet and every process it started (its workers, the
+        actors among them): the node is lost, as when its machine fails. (Killing the
+        raylet alone leaves its actors answering direct calls for a moment.)"""
         pid = node.raylet_pid()
         assert pid is not None, "the node's raylet is not running"
-        os.kill(pid, signal.SIGKILL)
+        for victim in [*_workers_of({pid}), pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGKILL)
         return pid
 
     def job(self, *entrypoint: str, working_dir: str | Path, env_vars: dict[str, str] |

@@ -360,9 +360,10 @@ async def test_actor_restart_after_kill_keeps_handle_working(producer: Any,
 async def test_a_handle_finds_its_lane_again_after_the_actor_was_replaced(
         settings_factory: Any, kafka_bootstrap: str, topic: str) -> None:
     """athomic up replaces a producer under the same name: a handle held by a driver fails
-    the calls made before it learnt of the replacement (it learns when a failed call
-    completes, on Ray's callback thread: the call right after may still go to the old
-    actor), then finds the new actor by name."""
+    the calls made before it learnt of the replacement, with Ray's typed error (it learns
+    when a failed call completes, on Ray's callback thread: the calls right after may
+    still go to the old actor, how many depends on the machine's load), then finds the
+    new actor by name and stays on it."""
     from athomic.actors.topology import NAMESPACE, producer_actor_name
 
     settings = settings_factory()
@@ -374,14 +375,18 @@ async def test_a_handle_finds_its_lane_again_after_the_actor_was_replaced(
     ray.get(old.stop.remote())
     ray.kill(old, no_restart=True)
     ProducerFactory.create(settings)  # the new one, same name
-    outcomes = []
-    for n in range(1, 5):
+    outcomes: list[PublishingOutcome | None] = []
+    ok = PublishingOutcome.SUCCESS_DIRECT
+    deadline = time.monotonic() + 20
+    while outcomes[-3:] != [ok] * 3 and time.monotonic() < deadline:
         try:
-            outcomes.append(ray.get(handle.publish.remote(topic=topic, message={"n": n})))
+            outcomes.append(ray.get(handle.publish.remote(topic=topic, message={
+                "n": len(outcomes) + 1})))
         except ray.exceptions.RayActorError:
             outcomes.append(None)  # a call that found the old actor gone
-    assert outcomes[-2:] == [PublishingOutcome.SUCCESS_DIRECT] * 2, outcomes
-    assert outcomes.count(None) <= 2, outcomes
+    assert outcomes[-3:] == [ok] * 3, outcomes  # found the new actor within 20 s ...
+    first = outcomes.index(ok)
+    assert outcomes[first:] == [ok] * (len(outcomes) - first), outcomes  # ... and stays
     records = await read_records(kafka_bootstrap, topic, 1 + outcomes.count(
         PublishingOutcome.SUCCESS_DIRECT))
     assert {json.loads(r.value)["n"] for r in records} >= {0} | {
