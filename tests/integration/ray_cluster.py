@@ -8,8 +8,8 @@ through the head's dashboard, or as a driver with ``--address``.
 Each ``ray start`` runs in a new session, so a node's daemons (raylet, GCS, dashboard,
 agents) share its process group; its workers (actors, job drivers) take groups of their
 own, but carry their raylet's pid (``RAY_RAYLET_PID``). ``kill_node`` loses a node with
-``kill -9`` of its raylet and of those workers; ``stop`` kills exactly this cluster's processes. Never ``ray
-stop``: it stops every Ray on the machine, other tests' included.
+``kill -9`` of its raylet and of those workers; ``stop`` kills exactly this cluster's
+processes. Never ``ray stop``: it stops every Ray on the machine, other tests' included.
 """
 
 from __future__ import annotations
