@@ -11,6 +11,9 @@ HIGH p99 under the flood to the HIGH p99 unloaded, same run.
 Two handles are measured, interleaved: the default settings (the NORMAL lane's actor
 process at a lower scheduling priority, ``lanes.nice = 4``) and ``lanes.nice = 0`` (every
 lane alike), so the effect of that setting is measured, not assumed.
+Before the runs, each handle takes a flood and HIGH publishes for part of ``--warmup``
+seconds, not counted: a freshly started broker's JVM compiles its hot paths in its first
+minute of load, on the same cores.
 Uses KAFKA_BOOTSTRAP when set, else starts deploy/kafka/kafka-local.
 """
 
@@ -83,6 +86,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--samples", type=int, default=1000,
                         help="HIGH publishes per measurement")
+    parser.add_argument("--warmup", type=float, default=20.0, metavar="SECONDS",
+                        help="load before the runs, not counted (0: none)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     variants = {"nice 4 (default)": 4, "nice 0": 0}
@@ -99,6 +104,15 @@ def main() -> None:
             ray.get(handles[v].publish.remote(topic=f"prio.{tag}", message={"warm": 1},
                                               priority="high"))
             ray.get(handles[v].publish.remote(topic=f"prio.{tag}.flood", message={"warm": 1}))
+        for handle in handles.values():  # warm-up, not counted
+            flood = Flood.remote(handle, f"prio.{tag}.flood")
+            running = flood.run.remote()
+            until = time.monotonic() + args.warmup / len(handles)
+            while time.monotonic() < until:
+                high_latencies(handle, f"prio.{tag}", 50)
+            ray.get(flood.stop.remote())
+            ray.get(running)
+            ray.kill(flood)
         for run in range(1, args.runs + 1):
             for v, handle in handles.items():
                 topic = f"prio.{tag}"
