@@ -73,13 +73,12 @@ def consume(bootstrap: str, topic: str, expected: int, timeout: float, out: Any)
     out.put(asyncio.run(run()))
 
 
-def lateness(bootstrap: str, rate: int, seconds: int, near: float | None = None, *,
-             ids: bool = False, cancel_share: float = 0.0,
-             compact: bool = True, republisher: dict[str, Any] | None = None
+def lateness(bootstrap: str, rate: int, seconds: int, *, ids: bool = False,
+             cancel_share: float = 0.0, republisher: dict[str, Any] | None = None
              ) -> dict[str, Any]:
     """``ids``: every message gets a caller-chosen id (so its release waits for the ids
     topic); ``cancel_share``: that share of them (among those due in 2 s or more) is
-    cancelled right after publishing."""
+    cancelled right after publishing; ``republisher``: settings other than the defaults."""
     import ray
 
     tag = uuid.uuid4().hex[:6]
@@ -87,9 +86,7 @@ def lateness(bootstrap: str, rate: int, seconds: int, near: float | None = None,
                4: f"bench.delay.{tag}.4s", 8: f"bench.delay.{tag}.8s"}
     settings = MessagingSettings(
         bootstrap_servers=bootstrap, connection_name=f"bd{tag}", delay_topics=buckets,
-        republisher={**({} if near is None else {"near_window_s": near}),
-                     **({} if compact else {"compact_after_s": None}),
-                     **(republisher or {})})
+        republisher=republisher or {})
     handle = ProducerFactory.create(settings)
     final = f"bench.final.{tag}"
     total = rate * seconds
@@ -271,7 +268,8 @@ def main() -> None:
         if not args.cancel:
             variants = {"auto ids": {}}
         if args.compact_ab:  # held messages compact (the default) vs as objects
-            variants = {"auto ids": {}, "auto ids, held as objects": {"compact": False}}
+            variants = {"auto ids": {},
+                        "auto ids, held as objects": {"republisher": {"compact_after_s": None}}}
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
         # One broker for every run (a fresh local Ray each), warmed first: a broker's JVM
         # compiles its hot paths in its first minute of load, ~17 CPU-seconds here that
@@ -290,9 +288,9 @@ def main() -> None:
             for run in range(1, args.runs + 1):
                 for name, options in variants.items():
                     with local_ray():
-                        runs[name].append(lateness(bootstrap, args.rate, args.seconds,
-                                                   republisher=overrides,
-                                                   **options))  # type: ignore[arg-type]
+                        runs[name].append(lateness(bootstrap, args.rate, args.seconds, **{
+                            **options, "republisher": {**overrides, **options.get(
+                                "republisher", {})}}))  # type: ignore[arg-type]
                     r = runs[name][-1]
                     print(f"lateness run {run} ({name}): {r['received']}/"
                           f"{r['published'] - r['cancelled']} delivered ({r['unique']} unique, "

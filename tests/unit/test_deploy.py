@@ -41,7 +41,6 @@ SCHEMA_FILES = ("RayCluster.v1.schema.json", "RayJob.v1.schema.json",
                 "RayService.v1.schema.json")
 
 
-
 # --- helpers ------------------------------------------------------------------------------
 def launcher_config() -> dict[str, Any]:
     return yaml.safe_load((DEPLOY / "ray-cluster.yaml").read_text())

@@ -313,34 +313,35 @@ async def test_republish_producers_retry_busy_coordinators_soon(kafka: FakeKafka
                           for o in others)
 
 
-async def test_a_replica_beyond_the_partitions_stands_by_then_takes_added_ones(
-        kafka: FakeKafka) -> None:
-    admin = kafka.admin()
-    await admin.start()
-    s2 = settings(republisher={"partitions": None, "replicas": 2})  # one per replica
-    async with running(s2, kafka, "d.1s", replica=0, replicas=2) as first, \
-            running(s2, kafka, "d.1s", replica=1, replicas=2) as second:
+async def test_created_delay_topics_have_one_partition_per_replica(kafka: FakeKafka) -> None:
+    s = settings(republisher={"partitions": None, "replicas": 2})
+    async with running(s, kafka, "d.1s", replica=0, replicas=2) as first, \
+            running(s, kafka, "d.1s", replica=1, replicas=2) as second:
+        admin = kafka.admin()
+        await admin.start()
         assert (await admin.partition_counts(["d.1s"]))["d.1s"] == 2
+        await admin.close()
         assert [p.partition for p in first.parts] == [0]
         assert [p.partition for p in second.parts] == [1]
-    await admin.close()
-    kafka = FakeKafka()  # topics created anew, by a layout of one replica
-    kafka.create_topic("final", 1)
-    admin = kafka.admin()
-    await admin.start()
-    s1 = settings(republisher={"partitions": None, "replicas": 1})
-    async with running(s1, kafka, "d.1s", replica=0, replicas=2) as only, \
-            running(s1, kafka, "d.1s", replica=1, replicas=2) as idle:
-        # created for one replica: the second owns nothing, yet is ready (standing by)
+
+
+async def test_a_replica_beyond_the_partitions_stands_by_then_takes_added_ones(
+        kafka: FakeKafka) -> None:
+    s = settings(republisher={"partitions": None, "replicas": 1})  # topics: 1 partition
+    async with running(s, kafka, "d.1s", replica=0, replicas=2) as only, \
+            running(s, kafka, "d.1s", replica=1, replicas=2) as idle:
+        # the second owns nothing, yet is ready (standing by)
         assert [p.partition for p in only.parts] == [0] and idle.parts == {}
         assert idle.ready()
+        admin = kafka.admin()
+        await admin.start()
         await admin.create_partitions("d.1s", 2)
+        await admin.close()
         req = request(delay_s=0.2)
-        record = DelayedPublishStrategy(s1).build(req, Encoded(b"v", []), "final")
+        record = DelayedPublishStrategy(s).build(req, Encoded(b"v", []), "final")
         await write(kafka, "d.1s", record.value, record.key, record.headers, partition=1)
         await until(lambda: len(delivered(kafka)) == 1)
         assert [p.partition for p in idle.parts] == [1]
-    await admin.close()
 
 
 # --- failures: never stalled, transient retried, permanent dead-lettered --------------------
