@@ -100,6 +100,7 @@ _MISSING_TOPIC_RECHECK_MS = 2_000
 _TOPIC_CHECK_S = 5.0
 _IDS_EAGER_MS = 2_000  # the ids topic is read closely from when such a message is read
 # until this long after it is due (or after its release last waited for the topic)
+_READ_AT_LEAST = 64  # records a fetch asks for at least, per partition (see Partition.read_hint)
 
 
 def now_ms() -> int:
@@ -190,6 +191,13 @@ class Partition:
         self.tracker: OffsetTracker | None = None
         self.store = self.new_store()
         self.wake_at: int | None = None
+        self.read_hint = 0
+        """Records to ask a fetch for (0: as many as ``max_batch``). A paused partition is
+        woken when its head is near; it reads on until the next record not near and pauses
+        again, and the client decodes every record a fetch returns: asking for thousands
+        to use a dozen blocked the event loop for up to 300 ms per wake (the transactions
+        waited behind it). So it asks for twice what it used last time it paused, and four
+        times as many while it uses all it gets."""
         self.next_txn_ms = 0
         self.retry_at = 0
         self.backoff_s = 0.1
@@ -400,8 +408,9 @@ class BucketRepublisher:
                 active = [tp for tp, part in self.parts.items()
                           if part.state == OWNED and part.wake_at is None]
                 if fetch is None and active:
+                    ask = sum(self.parts[tp].read_hint or self.rep.max_batch for tp in active)
                     fetch = asyncio.ensure_future(self.consumer.getmany(
-                        *active, timeout_ms=wait_ms, max_records=self.rep.max_batch))
+                        *active, timeout_ms=wait_ms, max_records=min(ask, self.rep.max_batch)))
                 self._woken.clear()
                 woken = asyncio.ensure_future(self._woken.wait())
                 waiting: set[asyncio.Future[Any]] = {woken}
@@ -535,7 +544,10 @@ class BucketRepublisher:
               now: int) -> None:
         bound_ms = round(self.bucket_s * 1000) + self.read_ahead_ms + 2000 + \
             self.rep.max_clock_skew_ms
-        for record in records:
+        hint = part.read_hint or self.rep.max_batch
+        if len(records) >= hint:  # used all it got: ask for more next time
+            part.read_hint = min(4 * hint, self.rep.max_batch)
+        for i, record in enumerate(records):
             if self.skew_known and record.timestamp > 0:
                 self.skew.consumed(now, record.timestamp)
             if record.offset < tracker.position:
@@ -560,6 +572,7 @@ class BucketRepublisher:
                 continue
             if env.hold_until_ms > now + self.read_ahead_ms:
                 self._pause(part, record.offset, env.hold_until_ms - self.read_ahead_ms)
+                part.read_hint = max(2 * i, _READ_AT_LEAST)
                 return
             if self.held >= self.rep.max_held:  # memory bound: read on once it drains
                 self._pause(part, record.offset, now + 50)
@@ -1040,8 +1053,7 @@ class BucketRepublisher:
             except MalformedEnvelopeError as exc:  # e.g. one hop too many after a change
                 self._dead(h, str(exc))
                 records.append(self._outgoing(part, h, None, None))
-        marker = TopicPartition(self.settings.released_topic, self._marker_partition(part.tp))
-        marker_key = self._marker_key(part.tp)
+        marker_topic = self.settings.released_topic
         began = time.monotonic()
         sent_ms = now_ms()
         # With the records, the transaction writes the ids it releases (one record per up
@@ -1072,33 +1084,14 @@ class BucketRepublisher:
         sent: list[Any] = []
         try:
             await self._bounded(producer.begin_transaction())
-            solo = part.solo_until > sent_ms
-            if solo or len(records) >= BATCH_FROM:  # one record batch per partition
-                sent = await self._bounded(send_batched(producer, records, part.batching,
-                                                        per_batch=1 if solo else None))
-            else:
-                for i, (topic, key, value, headers) in enumerate(records):
-                    span = spans.get(i)
-                    try:
-                        # the republish span is current while the client sends the record
-                        with span.current() if span is not None else contextlib.nullcontext():
-                            sent.append((await self._bounded(producer.send(
-                                topic, value, key=key, headers=headers)), None))
-                    except asyncio.TimeoutError:
-                        raise
-                    except Exception as exc:  # refused before sending (size, metadata)
-                        sent.append(exc)
-                        break
+            sent = await self._bounded(self._hand_over(part, producer, records, len(send),
+                                                       spans, markers, sent_ms))
             futures = list({id(x[0]): _observed(x[0])
                             for x in sent if isinstance(x, tuple)}.values())
             failed = [x for x in sent if isinstance(x, BaseException)]
             if failed:  # refused before sending (size, metadata): nothing is committed
                 raise _Refused({i: x for i, x in enumerate(sent[:len(send)])
                                 if isinstance(x, BaseException)}) from failed[0]
-            for value in markers:
-                sent.append((await self._bounded(producer.send(
-                    marker.topic, value, key=marker_key, partition=marker.partition)), None))
-                futures.append(_observed(sent[-1][0]))
             # The offsets join the transaction while the records are acknowledged (two
             # round trips to the coordinators that would otherwise follow the acks).
             adding = _observed(asyncio.ensure_future(
@@ -1124,11 +1117,46 @@ class BucketRepublisher:
         committed = now_ms()
         self._committed_ok(part, send, skip, offsets, committed)
         self._end_spans(spans, None, results)
-        topics = [r[0] for r in records] + [marker.topic] * len(markers)
+        topics = [r[0] for r in records] + [marker_topic] * len(markers)
         for topic, meta in zip(topics, results, strict=True):
             if topic in self._stamped_topics and meta.timestamp > 0:
                 self.skew.produced(sent_ms, committed, meta.timestamp)
         self._check_skew()
+
+    async def _hand_over(self, part: Partition, producer: KafkaProducer,
+                         records: list[Any], messages: int, spans: dict[int, RepublishSpan],
+                         markers: list[bytes], sent_ms: int) -> list[Any]:
+        """Give the client a transaction's records, then its released-id markers: per record
+        ``(future, None)``, or the error it was refused with before sending (and nothing after
+        it). Nothing here waits unless the client's buffer is full, so the client sees every
+        record before it sends any and adds all their partitions to the transaction in one
+        request. (Handed over behind a bounded wait each, the first records went out first,
+        and each partition that came later took one more round trip to the coordinator
+        before its records could be sent: transactions took half as long again.)"""
+        sent: list[Any] = []
+        solo = part.solo_until > sent_ms
+        if solo or len(records) >= BATCH_FROM:  # one record batch per partition
+            sent = await send_batched(producer, records, part.batching,
+                                      per_batch=1 if solo else None)
+        else:
+            for i, (topic, key, value, headers) in enumerate(records):
+                span = spans.get(i)
+                try:
+                    # the republish span is current while the client sends the record
+                    with span.current() if span is not None else contextlib.nullcontext():
+                        sent.append((await producer.send(topic, value, key=key,
+                                                         headers=headers), None))
+                except Exception as exc:  # refused before sending (size, metadata)
+                    sent.append(exc)
+                    break
+        if any(isinstance(x, BaseException) for x in sent[:messages]):
+            return sent
+        marker = TopicPartition(self.settings.released_topic, self._marker_partition(part.tp))
+        key = self._marker_key(part.tp)
+        for value in markers:
+            sent.append((await producer.send(marker.topic, value, key=key,
+                                             partition=marker.partition), None))
+        return sent
 
     @staticmethod
     def _refused(part: Partition, sent: list[Any], results: list[Any]

@@ -161,6 +161,109 @@ async def test_a_hop_past_255_cascades_on_and_the_partition_moves_on(kafka: Fake
     assert [r.value for r in delivered(kafka)] == [b"after"]
 
 
+async def _write_envelopes(kafka: FakeKafka, topic: str, due_ms: list[int]) -> list[str]:
+    """Envelopes leaving ``topic`` for the final topic at ``due_ms`` (one producer)."""
+    producer = kafka.producer()
+    await producer.start()
+    sent = []
+    try:
+        for i, due in enumerate(due_ms):
+            mid = new_message_id()
+            env = Envelope(topic="final", key=f"k{i}".encode(), value=b"v",
+                           headers=(("message-id", mid.encode()),), deliver_at_ms=due,
+                           hold_until_ms=due, published_ms=due - 10_000, hop=1,
+                           priority=MessagePriority.NORMAL, message_id=mid)
+            await producer.send(topic, encode(env), key=env.key, headers=delay_headers(env))
+            sent.append(env.message_id)
+    finally:
+        await producer.stop()
+    return sent
+
+
+async def test_a_woken_partition_reads_about_what_it_used_not_a_whole_batch(
+        kafka: FakeKafka) -> None:
+    """A partition waking for its near head reads on to the next record not near and pauses
+    again; the client decodes every record a fetch returns. Asking for ``max_batch`` each
+    time (to use a few) blocked a bucket actor's event loop for up to 300 ms per wake."""
+    s = settings(republisher={"max_batch": 5000})
+    kafka.create_topic("d.10s", 1)
+    now = int(time.time() * 1000)
+    stream = await _write_envelopes(kafka, "d.10s", [now + 1000 + 10 * i for i in range(150)])
+    async with running(s, kafka, "d.10s") as rep:
+        consumer = rep.consumer
+        assert consumer is not None
+        asks: list[tuple[int, int]] = []  # (max_records asked, records returned)
+        real = consumer.getmany
+
+        async def counted(*partitions: Any, **options: Any) -> Any:
+            got = await real(*partitions, **options)
+            asks.append((options["max_records"], sum(len(r) for r in got.values())))
+            return got
+
+        consumer.getmany = counted  # type: ignore[method-assign]
+        await until(lambda: len(delivered(kafka)) == 150)
+        woken = [ask for ask, got in asks if got]
+        assert len(woken) >= 5  # read a few at a time as they came near
+        assert woken[0] == 5000  # nothing known yet: a whole batch
+        assert max(woken[1:]) <= 1000, asks  # then about what it used, not 5000 each time
+        # a burst all due at once: the asks grow until it is read
+        asks.clear()
+        burst = await _write_envelopes(kafka, "d.10s", [now + 4000] * 3000)
+        await until(lambda: len(delivered(kafka)) == 3150)
+        grown = [ask for ask, got in asks if got]
+        assert grown[-1] >= 4096 and len(grown) <= 10, asks  # x4 while it uses all it gets
+    records = delivered(kafka)
+    assert sorted(ids(records)) == sorted(stream + burst)
+    for record in records:
+        assert record.timestamp >= int(dict(record.headers)["athomic-deliver-at"])
+
+
+async def test_a_transaction_hands_all_its_records_to_the_client_at_once(
+        kafka: FakeKafka) -> None:
+    """The client adds the partitions of the records it holds to the transaction in one
+    request before sending them; a record handed over after the client ran (a wait between
+    two records) costs one more round trip to the coordinator. So no other task may run
+    between a transaction's first record and its last (released-id markers included)."""
+    s = settings()
+    kafka.create_topic("wide", 3)
+    t = time.time()
+    small = [request("wide", 0.4, key=f"a{i}".encode(), published=t) for i in range(5)]
+    large = [request("wide", 0.8, key=f"b{i}".encode(), published=t) for i in range(20)]
+    for r in small + large:
+        await publish(kafka, s, r)
+    ticking = True
+
+    async def ticker() -> None:  # runs whenever the event loop gets to other tasks
+        while ticking:
+            kafka.calls.append(("tick", {}))
+            await asyncio.sleep(0)
+
+    async with running(s, kafka, "d.1s"):
+        tick = asyncio.create_task(ticker())
+        await until(lambda: len(delivered(kafka, "wide")) == 25)
+        ticking = False
+        await tick
+    sends: list[list[str]] = []  # per transaction: its sends and ticks, in order
+    current: list[str] | None = None
+    for name, call in kafka.calls:
+        if name == "producer.begin_transaction":
+            current = []
+        elif name in ("producer.commit_transaction", "producer.abort_transaction") and \
+                current is not None:
+            sends.append(current)
+            current = None
+        elif current is not None and name in ("producer.send", "producer.send_batch", "tick"):
+            current.append(name if name == "tick" else call["topic"])
+    with_records = [txn for txn in sends if any(x != "tick" for x in txn)]
+    assert len(with_records) >= 2
+    for txn in with_records:
+        first = next(i for i, x in enumerate(txn) if x != "tick")
+        last = max(i for i, x in enumerate(txn) if x != "tick")
+        assert "tick" not in txn[first:last], txn
+        assert s.released_topic in txn[first:last + 1]  # the markers went with them
+    assert sorted(ids(delivered(kafka, "wide"))) == sorted(r.message_id for r in small + large)
+
+
 # --- exactly once --------------------------------------------------------------------------
 async def test_a_retried_publish_is_delivered_once(kafka: FakeKafka) -> None:
     s = settings()
