@@ -5,7 +5,8 @@
 1. Lateness under load: delayed messages published at ``--rate`` msg/s for ``--seconds``
    (delays uniform in 0.5..10 s over buckets 1/2/4/8 s, so most cascade), through
    ProducerFactory and the DelayBucketActors on a local Ray. A consumer in its own process
-   (read_committed) stamps each record on arrival; lateness = arrival - due time. Reports
+   (read_committed), reading the final topic (3 partitions, created first) before the
+   first publish, stamps each record on arrival; lateness = arrival - due time. Reports
    p50 / p99 / max, how many arrived early (must be 0), and how many were delivered
    (must be all, once). All runs share one broker, first loaded for ``--warmup`` seconds
    (not counted): a freshly started broker's JVM spends its first minute of load
@@ -39,8 +40,12 @@ from athomic.republisher.schedule import percentile
 
 
 # --- part 1: lateness ------------------------------------------------------------------------
-def consume(bootstrap: str, topic: str, expected: int, timeout: float, out: Any) -> None:
-    """In its own process: read ``expected`` records, stamp arrival, report lateness."""
+def consume(bootstrap: str, topic: str, expected: int, timeout: float, out: Any,
+            ready: Any) -> None:
+    """In its own process: read ``expected`` records, stamp arrival, report lateness.
+    ``ready`` is set once it reads every partition of ``topic`` (created before): a
+    consumer still looking for the topic's partitions when the first messages come would
+    count its own wait as their lateness."""
 
     async def run() -> dict[str, Any]:
         consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap,
@@ -48,6 +53,11 @@ def consume(bootstrap: str, topic: str, expected: int, timeout: float, out: Any)
                                     isolation_level="read_committed", fetch_max_wait_ms=10,
                                     metadata_max_age_ms=500)
         await consumer.start()
+        while not consumer.assignment():
+            await consumer.getmany(timeout_ms=50)
+        for tp in consumer.assignment():
+            await consumer.position(tp)
+        ready.set()
         late: list[float] = []
         ids: set[bytes] = set()
         deadline = time.time() + timeout
@@ -98,10 +108,15 @@ def lateness(bootstrap: str, rate: int, seconds: int, *, ids: bool = False,
             for _ in range(int(seconds / tick))]
     cancel = {(t, i) for t, batch in enumerate(plan) for i, (_, d) in enumerate(batch)
               if d >= 2.0 and rnd.random() < cancel_share / 0.84}  # 84 % are due >= 2 s
+    asyncio.run(create_topic(bootstrap, final, 3))  # as the brokers would, on first use
     queue: Any = mp.get_context("spawn").Queue()
+    ready = mp.get_context("spawn").Event()
     reader = mp.get_context("spawn").Process(
-        target=consume, args=(bootstrap, final, total - len(cancel), seconds + 60, queue))
+        target=consume, args=(bootstrap, final, total - len(cancel), seconds + 60, queue,
+                              ready))
     reader.start()
+    if not ready.wait(60):
+        raise RuntimeError("the consumer found no partition of the final topic in 60 s")
     start = time.time()
     pending: list[Any] = []
     for t, batch in enumerate(plan):
@@ -132,6 +147,15 @@ def lateness(bootstrap: str, rate: int, seconds: int, *, ids: bool = False,
     result.update(published=total, cancelled=len(cancel), published_rate=published_rate,
                   republisher={s["topic"].rsplit(".", 1)[-1]: s["lateness"] for s in stats})
     return result
+
+
+async def create_topic(bootstrap: str, topic: str, partitions: int) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, partitions, 1)])
+    finally:
+        await admin.close()
 
 
 # --- part 2: throughput ------------------------------------------------------------------------

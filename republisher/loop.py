@@ -305,6 +305,7 @@ class BucketRepublisher:
         self._stopping = False
         self._woken = asyncio.Event()
         self._next_refresh = 0.0
+        self._refreshing: asyncio.Task[None] | None = None
         self._topic_checked: dict[str, tuple[bool, int]] = {}
         self._skew_warned = 0.0
         self._churn = 0  # messages read or gone since memory was last given back
@@ -398,8 +399,11 @@ class BucketRepublisher:
         try:
             while not self._stopping:
                 self.heartbeat = time.monotonic()
-                if self.heartbeat >= self._next_refresh:
-                    await self._refresh()
+                if self.heartbeat >= self._next_refresh and (
+                        self._refreshing is None or self._refreshing.done()):
+                    # in a task of its own: the brokers' answer must not hold up releases
+                    self._next_refresh = self.heartbeat + self.rep.partition_refresh_s
+                    self._refreshing = asyncio.ensure_future(self._refresh())
                 now = now_ms()
                 self._schedule(now)
                 self._wake(now)
@@ -426,10 +430,12 @@ class BucketRepublisher:
                         self._ingest(tp, records, received)
                         self._churn += len(records)
         finally:
-            if fetch is not None:
-                fetch.cancel()
-                with contextlib.suppress(BaseException):
-                    await fetch
+            for task in (fetch, self._refreshing):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
+            self._refreshing = None
 
     def _trim(self) -> None:
         """Give freed memory back to the system, at most every ``_TRIM_EVERY_S`` while
@@ -498,7 +504,7 @@ class BucketRepublisher:
         """Partitions added to the topic are picked up here."""
         self._next_refresh = time.monotonic() + self.rep.partition_refresh_s
         try:
-            admin = await open_admin(self.settings, self.clients)
+            admin = await self._bounded(open_admin(self.settings, self.clients))
             try:
                 count = await self._bounded(admin.partition_counts([self.topic]))
             finally:
@@ -506,8 +512,9 @@ class BucketRepublisher:
         except Exception as exc:
             log.warning("republisher %s cannot read its partitions: %r", self.topic, exc)
             return
-        if self.topic in count:
+        if self.topic in count and self.consumer is not None and not self._stopping:
             self._adopt(count[self.topic])
+            self._woken.set()
 
     def _wake(self, now: int) -> None:
         assert self.consumer is not None
