@@ -1093,8 +1093,9 @@ class BucketRepublisher:
             await self._bounded(producer.begin_transaction())
             sent = await self._bounded(self._hand_over(part, producer, records, len(send),
                                                        spans, markers, sent_ms))
-            futures = list({id(x[0]): _observed(x[0])
-                            for x in sent if isinstance(x, tuple)}.values())
+            # one future per record batch (shared by its records), observed once
+            futures = [_observed(f) for f in {id(x[0]): x[0] for x in sent
+                                              if isinstance(x, tuple)}.values()]
             failed = [x for x in sent if isinstance(x, BaseException)]
             if failed:  # refused before sending (size, metadata): nothing is committed
                 raise _Refused({i: x for i, x in enumerate(sent[:len(send)])
