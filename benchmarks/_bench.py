@@ -25,6 +25,19 @@ def start_kafka(default_port: str = "29192") -> tuple[str, Callable[[], None]]:
     return kafka_local.start(port), lambda: kafka_local.stop(port)
 
 
+async def create_topic(bootstrap: str, topic: str, partitions: int,
+                       configs: dict[str, str] | None = None) -> None:
+    """Create ``topic`` (replication 1) before a benchmark uses it."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, partitions, 1, topic_configs=configs or {})])
+    finally:
+        await admin.close()
+
+
 @contextmanager
 def local_ray(num_cpus: int = 4) -> Iterator[None]:
     import ray

@@ -37,7 +37,7 @@ import orjson
 import pyarrow as pa
 import ray
 import ray.data
-from _bench import kafka_and_ray, machine, median
+from _bench import create_topic, kafka_and_ray, machine, median
 
 from athomic import MessagingSettings, ProducerFactory, ProducerHandle
 from athomic.data import AthomicDatasink
@@ -72,17 +72,6 @@ class EmitRows:
         outcomes = ray.get(self.handle.publish_batch.remote(items, topic=self.topic))
         batch["published"] = np.array([o.value for o in outcomes])
         return batch
-
-
-async def create_topic(bootstrap: str, topic: str) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, PARTITIONS, 1)])
-    finally:
-        await admin.close()
 
 
 async def records_in(bootstrap: str, topic: str) -> int:
@@ -137,12 +126,12 @@ def main() -> None:
         few = ray.data.from_arrow(make_rows({"id": np.arange(200)}))
         for name, write in writes.items():
             topic = f"bench.sink.{tag}.warm.{name}"
-            asyncio.run(create_topic(bootstrap, topic))
+            asyncio.run(create_topic(bootstrap, topic, PARTITIONS))
             write(few, topic)
         for run in range(1, args.runs + 1):
             for name, write in writes.items():
                 topic = f"bench.sink.{tag}.{run}.{name}"
-                asyncio.run(create_topic(bootstrap, topic))
+                asyncio.run(create_topic(bootstrap, topic, PARTITIONS))
                 seconds = timed(lambda: write(ds, topic))  # noqa: B023 (called at once)
                 written = asyncio.run(records_in(bootstrap, topic))
                 assert written == args.rows, f"{name}: {written} of {args.rows} rows in {topic}"

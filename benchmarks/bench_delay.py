@@ -31,9 +31,8 @@ import uuid
 from typing import Any
 
 import orjson
-from _bench import local_ray, machine, median, spread, start_kafka
+from _bench import create_topic, local_ray, machine, median, spread, start_kafka
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from athomic import MessagingSettings, ProducerFactory
 from athomic.republisher.schedule import percentile
@@ -149,15 +148,6 @@ def lateness(bootstrap: str, rate: int, seconds: int, *, ids: bool = False,
     return result
 
 
-async def create_topic(bootstrap: str, topic: str, partitions: int) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, partitions, 1)])
-    finally:
-        await admin.close()
-
-
 # --- part 2: throughput ------------------------------------------------------------------------
 async def backlog(bootstrap: str, n: int) -> tuple[MessagingSettings, str]:
     """A delay topic holding ``n`` messages, all due by the time this returns."""
@@ -166,11 +156,7 @@ async def backlog(bootstrap: str, n: int) -> tuple[MessagingSettings, str]:
     settings = MessagingSettings(bootstrap_servers=bootstrap, connection_name=f"bt{tag}",
                                  delay_topics={1: topic},
                                  republisher={"enabled": False, "partitions": 3})
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    await admin.create_topics([NewTopic(topic, 3, 1, topic_configs={
-        "retention.ms": str(7 * 24 * 3600 * 1000)})])
-    await admin.close()
+    await create_topic(bootstrap, topic, 3, {"retention.ms": str(7 * 24 * 3600 * 1000)})
     from athomic.actors.producer import ProducerActor
     from athomic.messages import MessagePriority, PublishRequest, new_message_ids
 

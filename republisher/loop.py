@@ -501,8 +501,8 @@ class BucketRepublisher:
             self._woken.set()
 
     async def _refresh(self) -> None:
-        """Partitions added to the topic are picked up here."""
-        self._next_refresh = time.monotonic() + self.rep.partition_refresh_s
+        """Partitions added to the topic are picked up here (run beside the loop, which
+        schedules it every ``partition_refresh_s``)."""
         try:
             admin = await self._bounded(open_admin(self.settings, self.clients))
             try:
@@ -1091,8 +1091,8 @@ class BucketRepublisher:
         sent: list[Any] = []
         try:
             await self._bounded(producer.begin_transaction())
-            sent = await self._bounded(self._hand_over(part, producer, records, len(send),
-                                                       spans, markers, sent_ms))
+            sent = await self._bounded(self._hand_over(part, producer, records, spans,
+                                                       markers, sent_ms))
             # one future per record batch (shared by its records), observed once
             futures = [_observed(f) for f in {id(x[0]): x[0] for x in sent
                                               if isinstance(x, tuple)}.values()]
@@ -1132,7 +1132,7 @@ class BucketRepublisher:
         self._check_skew()
 
     async def _hand_over(self, part: Partition, producer: KafkaProducer,
-                         records: list[Any], messages: int, spans: dict[int, RepublishSpan],
+                         records: list[Any], spans: dict[int, RepublishSpan],
                          markers: list[bytes], sent_ms: int) -> list[Any]:
         """Give the client a transaction's records, then its released-id markers: per record
         ``(future, None)``, or the error it was refused with before sending (and nothing after
@@ -1157,8 +1157,8 @@ class BucketRepublisher:
                 except Exception as exc:  # refused before sending (size, metadata)
                     sent.append(exc)
                     break
-        if any(isinstance(x, BaseException) for x in sent[:messages]):
-            return sent
+        if any(isinstance(x, BaseException) for x in sent):
+            return sent  # refused before sending: the transaction is aborted, no markers
         marker = TopicPartition(self.settings.released_topic, self._marker_partition(part.tp))
         key = self._marker_key(part.tp)
         for value in markers:
