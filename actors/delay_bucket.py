@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from athomic._kafka import AIOKAFKA, KafkaClients
+from athomic._process import settle_gc
 from athomic.errors import AthomicError, ConfigurationError, MessagingConnectionError
 from athomic.republisher.loop import BucketRepublisher
 from athomic.settings import MessagingSettings
@@ -41,7 +42,7 @@ class DelayBucketActor:
 
     def __init__(self, settings: MessagingSettings, topic: str, replica: int = 0,
                  replicas: int = 1, *, generation: int = 0, autostart: bool = True,
-                 clients: KafkaClients = AIOKAFKA) -> None:
+                 clients: KafkaClients = AIOKAFKA, own_process: bool = False) -> None:
         self.settings = settings
         self.republisher = BucketRepublisher(settings, topic, replica, replicas,
                                              generation=generation, clients=clients)
@@ -52,6 +53,8 @@ class DelayBucketActor:
         self._task: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self.exit_on_failure = autostart  # a Ray actor: Ray restarts what exits
+        if own_process:  # a Ray actor: the process is this actor's alone
+            settle_gc()
         if autostart:
             loop = asyncio.get_running_loop()
             self._task = loop.create_task(self.run_forever())

@@ -19,12 +19,13 @@ from athomic._kafka import (
     Batching,
     KafkaClients,
     KafkaProducer,
-    acked,
+    acked_all,
     kafka_error_name,
     send_batched,
     too_large,
     translate,
 )
+from athomic._process import gc_stats, lower_priority, settle_gc
 from athomic.envelope import CANCELLED, SCHEDULED, IdEvent, encode_id_event
 from athomic.errors import (
     AthomicError,
@@ -35,6 +36,7 @@ from athomic.errors import (
 )
 from athomic.messages import (
     CancelOutcome,
+    Outcomes,
     PublishingOutcome,
     PublishRequest,
     validate_message_id,
@@ -61,23 +63,25 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _refused_in_batches(sent: list[Any]) -> list[int]:
+def _futures_of(sent: list[Any]) -> dict[int, asyncio.Future[Any]]:
+    """The distinct futures of records sent (a record batch's records share one)."""
+    return {id(item[0]): item[0] for item in sent if isinstance(item, tuple)}
+
+
+def _refused_in_batches(sent: list[Any], futures: dict[int, asyncio.Future[Any]]
+                        ) -> list[int]:
     """Indices of records refused as too large together with others (one batch)."""
+    refused = {key for key, future in futures.items()
+               if future.done() and future.exception() is not None
+               and too_large(future.exception())}  # type: ignore[arg-type]
+    if not refused:
+        return []
     members: dict[int, int] = {}
     for item in sent:
-        if isinstance(item, tuple):
+        if isinstance(item, tuple) and id(item[0]) in refused:
             members[id(item[0])] = members.get(id(item[0]), 0) + 1
     return [i for i, item in enumerate(sent)
-            if isinstance(item, tuple) and item[0].done() and members[id(item[0])] > 1
-            and item[0].exception() is not None and too_large(item[0].exception())]
-
-
-def _lower_priority(increment: int) -> None:
-    """Lower this process's scheduling priority (raise its niceness, at most to 19)."""
-    try:
-        os.nice(increment)
-    except OSError as exc:  # e.g. a platform without it: every lane then runs alike
-        log.warning("cannot lower the actor's scheduling priority: %s", exc)
+            if isinstance(item, tuple) and members.get(id(item[0]), 0) > 1]
 
 
 class ProducerActor:
@@ -94,9 +98,9 @@ class ProducerActor:
     def __init__(self, settings: MessagingSettings, lane: str = "normal",
                  index: int = 0, stage_actors: Sequence[Any] | None = None, *,
                  clients: KafkaClients = AIOKAFKA, batch_from: int = BATCH_FROM,
-                 nice: int = 0) -> None:
+                 nice: int = 0, own_process: bool = False) -> None:
         if nice:  # a bulk lane's actor process: the HIGH lane's actors get the CPU first
-            _lower_priority(nice)
+            lower_priority(nice)
         self.settings = settings
         self.clients = clients
         self.batch_from = batch_from
@@ -123,6 +127,8 @@ class ProducerActor:
         self.telemetry = Telemetry.from_settings(settings)
         self._sent = 0
         self._failed = 0
+        if own_process:  # a Ray actor: the process is this actor's alone
+            settle_gc()
 
     # --- lifecycle ---------------------------------------------------------------------
     async def _ensure_started(self) -> KafkaProducer:
@@ -261,11 +267,12 @@ class ProducerActor:
         with recorder.sending() as current:
             if len(records) >= self.batch_from:
                 sent = await self._send_batches(producer, records, current)
-                await self._await_acks(sent, start, timeout)
+                futures = _futures_of(sent)
+                await self._await_acks(futures, start, timeout)
                 # Kafka applies max.message.bytes to a record batch: records refused with
                 # others as one batch too large go again, each alone, so each is judged
                 # by its own size.
-                again = _refused_in_batches(sent)
+                again = _refused_in_batches(sent, futures)
                 if again:
                     resent = await send_batched(
                         producer, [(records[i].topic, records[i].key, records[i].value,
@@ -273,17 +280,14 @@ class ProducerActor:
                         self._batching, lambda j: current(again[j]), per_batch=1)
                     for i, item in zip(again, resent, strict=True):
                         sent[i] = item
+                    futures = _futures_of(sent)
             else:
                 sent = await self._send_each(producer, records, current)
-        await self._await_acks(sent, start, timeout)
-        results: list[Any] = []
-        for item in sent:
-            if isinstance(item, tuple) and not item[0].done():
-                results.append(asyncio.TimeoutError(
-                    f"not acknowledged within delivery_timeout_ms="
-                    f"{self.settings.producer.delivery_timeout_ms}"))
-            else:
-                results.append(acked(item))
+                futures = _futures_of(sent)
+        await self._await_acks(futures, start, timeout)
+        results = acked_all(sent, asyncio.TimeoutError(
+            f"not acknowledged within delivery_timeout_ms="
+            f"{self.settings.producer.delivery_timeout_ms}"))
         # A delayed message with a caller-chosen id: every republisher learns which
         # publish of the id is the one to deliver (a later one replaces it).
         scheduled = [i for i, (request, result) in enumerate(zip(requests, results,
@@ -304,9 +308,9 @@ class ProducerActor:
         return results
 
     @staticmethod
-    async def _await_acks(sent: list[Any], start: float, timeout: float) -> None:
-        waiting = [f for f in {id(s[0]): s[0] for s in sent if isinstance(s, tuple)}.values()
-                   if not f.done()]
+    async def _await_acks(futures: dict[int, asyncio.Future[Any]], start: float,
+                          timeout: float) -> None:
+        waiting = [f for f in futures.values() if not f.done()]
         if waiting:
             # asyncio.wait never cancels: a record still pending at the deadline stays with
             # the producer, which may yet deliver it; only our wait ends.
@@ -387,7 +391,7 @@ class ProducerActor:
                 f"first (#{first}): {results[first]}", topic=prepared[first][0].topic,
                 failures=failures, outcomes=outcomes) from None
         recorder.done(prepared, results)
-        return outcomes  # type: ignore[return-value]
+        return Outcomes(outcomes)  # type: ignore[return-value]  # all acknowledged: no None
 
     async def _record_ids(self, events: list[tuple[str, IdEvent]], timeout: float
                           ) -> list[BaseException | None]:
@@ -443,7 +447,7 @@ class ProducerActor:
         return {"lane": self.lane, "index": self.index, "sent": self._sent,
                 "pid": os.getpid(), "actor_id": actor_id, "niceness": os.nice(0),
                 "failed": self._failed, "started": self._producer is not None,
-                "time": time.time()}
+                "time": time.time(), **gc_stats()}
 
 
 async def _quietly_stop(producer: KafkaProducer) -> None:

@@ -640,7 +640,7 @@ def _producer_actors(settings: MessagingSettings, stage_actors: list[Any]
                                max_task_retries=-1, num_cpus=settings.lanes.actor_num_cpus,
                                max_concurrency=10_000).remote(
                 settings, lane, i, stage_actors,
-                nice=0 if lane == "high" else settings.lanes.nice)
+                nice=0 if lane == "high" else settings.lanes.nice, own_process=True)
             for i in range(count)
         ]
     return lanes
@@ -726,7 +726,7 @@ def _start_delay_actors(settings: MessagingSettings, slot: str, only: set[str] |
             **_named(name), max_task_retries=-1,
             num_cpus=settings.republisher.actor_num_cpus,
             scheduling_strategy=strategy).remote(settings, topic, i, replicas,
-                                                 generation=generation)
+                                                 generation=generation, own_process=True)
     return actors
 
 

@@ -40,6 +40,7 @@ from .messages import (
     MessagePriority,
     PublishingOutcome,
     PublishRequest,
+    PublishRequests,
     new_message_id,
     new_message_ids,
     validate_message_id,
@@ -431,7 +432,7 @@ class ProducerHandle:
         unknown = set(defaults) - _PUBLISH_FIELDS
         if unknown:
             raise ValidationError(f"unknown publish arguments: {sorted(unknown)}")
-        requests: list[PublishRequest] = []
+        requests = PublishRequests()
         captured = self._captured()
         now = time.time()
         items = list(messages)
@@ -457,7 +458,8 @@ class ProducerHandle:
             return self._submit(loop, lane, "publish_batch", requests, max(len(requests), 1))
         # HIGH must not wait behind the NORMAL part: each lane gets its own call, and a
         # task puts the outcomes back in the caller's order.
-        parts = [(lane, idx, [requests[i] for i in idx]) for lane, idx in by_lane.items()]
+        parts = [(lane, idx, PublishRequests(requests[i] for i in idx))
+                 for lane, idx in by_lane.items()]
         order = [idx for _, idx, _ in parts]
         if loop is None:
             refs = [self._submit(None, lane, "publish_batch", part, len(part))

@@ -60,7 +60,7 @@ __all__ = [
     "RecordMetadata",
     "TopicPartition",
     "TopicSpec",
-    "acked",
+    "acked_all",
     "classify",
     "send_batched",
     "too_large",
@@ -309,18 +309,31 @@ def too_large(exc: BaseException) -> bool:
     return isinstance(exc, (MessageSizeTooLargeError, RecordListTooLargeError))
 
 
-def acked(item: Sent) -> Any:
-    """What a record sent by ``send()`` (``(future, None)``) or by ``send_batched`` became
-    once its future is done: its RecordMetadata (offset included) or the error."""
-    if isinstance(item, BaseException):
-        return item
-    future, position = item
-    if future.exception() is not None:
-        return future.exception()
-    meta = future.result()
-    if position is None or meta is None:
-        return meta
-    return meta._replace(offset=meta.offset + position)
+def acked_all(sent: Sequence[Sent], late: BaseException | None = None) -> list[Any]:
+    """What each record sent by ``send()`` (``(future, None)``) or by ``send_batched``
+    became: its RecordMetadata (offset included) or the error; ``late`` for one whose
+    future is not done yet. Each future (a record batch's records share one) is looked at
+    once."""
+    outcome: dict[int, Any] = {}
+    results: list[Any] = []
+    for item in sent:
+        if not isinstance(item, tuple):  # the error that kept it from being sent
+            results.append(item)
+            continue
+        future, position = item
+        found = outcome.get(id(future), outcome)
+        if found is outcome:
+            if not future.done():
+                found = late
+            else:
+                error = future.exception()
+                found = error if error is not None else future.result()
+            outcome[id(future)] = found
+        if position is None or found is None or isinstance(found, BaseException):
+            results.append(found)
+        else:
+            results.append(found._replace(offset=found.offset + position))
+    return results
 
 
 async def stop_quietly(client: KafkaProducer | KafkaConsumer, timeout_s: float) -> None:

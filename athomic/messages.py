@@ -346,3 +346,42 @@ class PublishRequest(NamedTuple):
     version: bytes | None = None
     """This publish of a caller-chosen ``message_id`` (16 bytes, fixed on the caller's
     side, so a retried call keeps it); None when athomic chose the id."""
+
+
+def _requests_from_rows(rows: list[tuple[object, ...]]) -> list[PublishRequest]:
+    return list(map(PublishRequest._make, rows))
+
+
+class PublishRequests(list[PublishRequest]):
+    """The requests of one ``publish_batch`` call on their way to an actor.
+
+    Ray pickles an argument that is not a plain list, dict or scalar as one object; a plain
+    list of requests would go through its pickler's Python hook once per request. This
+    list pickles as plain tuples instead (about a quarter of the time, for 1,000 requests),
+    and arrives as a plain list of requests."""
+
+    __slots__ = ()
+
+    def __reduce__(self) -> tuple[object, tuple[list[tuple[object, ...]]]]:
+        return _requests_from_rows, ([tuple(r) for r in self],)
+
+
+_OUTCOME_CODES = {outcome: code for code, outcome in enumerate(PublishingOutcome)}
+_OUTCOME_OF = [*PublishingOutcome, None]
+
+
+def _outcomes_from_codes(codes: bytes) -> list[PublishingOutcome | None]:
+    return [_OUTCOME_OF[code] for code in codes]
+
+
+class Outcomes(list[PublishingOutcome | None]):
+    """What ``publish_batch`` returns, per message: its PublishingOutcome (None for one
+    that failed). Pickles as one byte per message (Ray would otherwise pickle each enum
+    member through a Python hook) and arrives as a plain list."""
+
+    __slots__ = ()
+
+    def __reduce__(self) -> tuple[object, tuple[bytes]]:
+        none = len(_OUTCOME_OF) - 1
+        return _outcomes_from_codes, (bytes(none if o is None else _OUTCOME_CODES[o]
+                                            for o in self),)

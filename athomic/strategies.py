@@ -43,13 +43,16 @@ class OutgoingRecord:
     key: bytes | None
     value: bytes | None
     headers: list[tuple[str, bytes]]
+    header_bytes: int | None = None
+    """The headers' keys and values in bytes, when the builder already counted them."""
 
     def size(self) -> int:
         """Bytes the record takes on the wire, near enough to compare with a size limit."""
         size = 70  # record and batch overhead in Kafka's v2 format, rounded up
         size += len(self.key or b"") + len(self.value or b"")
-        size += sum(len(k) + len(v) + 4 for k, v in self.headers)
-        return size
+        if self.header_bytes is None:
+            return size + sum(len(k) + len(v) + 4 for k, v in self.headers)
+        return size + self.header_bytes + 4 * len(self.headers)
 
 
 class PublishingStrategy(Protocol):
@@ -78,20 +81,69 @@ def final_headers(request: PublishRequest, encoded: Encoded) -> list[tuple[str, 
     publish time, content type and schema, the pipeline's description of the value, and
     for a delayed message its due time. A caller's value for an owned header is dropped, so
     a record never misdescribes itself."""
-    headers = [h for h in request.headers if h[0] not in _OWNED]
-    headers.append((H_MESSAGE_ID, request.message_id.encode()))
-    headers.append((H_PRIORITY, request.priority.value.encode()))
-    # Epoch milliseconds of the publish call, fixed on the caller's side; kept through
-    # delays, so it is the original publish time.
-    headers.append((H_PUBLISHED_AT, str(round(request.published_at * 1000)).encode()))
+    return _final_headers(request, encoded)[0]
+
+
+# The requests of a batch share one list of captured headers and one publish time, so the
+# work on them is done once per batch, not per record: the last list (held, so ``is``
+# stays meaningful) with what was made of it, and the last publish time with its header.
+# Each is one tuple, replaced whole (no thread sees a half-updated pair).
+_last_caller_part: tuple[object, list[tuple[str, bytes]], int] = (None, [], 0)
+_last_published: tuple[float, bytes] = (-1.0, b"")
+_ENCODED_STR: dict[str, bytes] = {}
+
+
+def _utf8(text: str) -> bytes:
+    found = _ENCODED_STR.get(text)
+    if found is None:
+        found = text.encode()
+        if len(_ENCODED_STR) < 256:  # content types and schema names: a handful
+            _ENCODED_STR[text] = found
+    return found
+
+
+def _final_headers(request: PublishRequest, encoded: Encoded
+                   ) -> tuple[list[tuple[str, bytes]], int]:
+    """``final_headers``, and the bytes of their keys and values."""
+    global _last_caller_part, _last_published
+    held, headers_of_caller, size = _last_caller_part
+    if held is not request.headers:
+        headers_of_caller = [h for h in request.headers if h[0] not in _OWNED]
+        size = sum(len(k) + len(v) for k, v in headers_of_caller)
+        _last_caller_part = (request.headers, headers_of_caller, size)
+    headers = headers_of_caller.copy()
+    message_id = request.message_id.encode()
+    priority = _PRIORITY_BYTES[request.priority]
+    when, published_at = _last_published
+    if when != request.published_at:
+        # Epoch milliseconds of the publish call, fixed on the caller's side; kept through
+        # delays, so it is the original publish time.
+        published_at = str(round(request.published_at * 1000)).encode()
+        _last_published = (request.published_at, published_at)
+    headers.append((H_MESSAGE_ID, message_id))
+    headers.append((H_PRIORITY, priority))
+    headers.append((H_PUBLISHED_AT, published_at))
+    size += (_OWN_KEYS + len(message_id) + len(priority) + len(published_at))
     if request.content_type is not None:
-        headers.append((H_CONTENT_TYPE, request.content_type.encode()))
+        content_type = _utf8(request.content_type)
+        headers.append((H_CONTENT_TYPE, content_type))
+        size += len(H_CONTENT_TYPE) + len(content_type)
     if request.schema is not None:
-        headers.append((H_SCHEMA, request.schema.encode()))
-    headers.extend(encoded.headers)
+        schema = _utf8(request.schema)
+        headers.append((H_SCHEMA, schema))
+        size += len(H_SCHEMA) + len(schema)
+    if encoded.headers:
+        headers.extend(encoded.headers)
+        size += sum(len(k) + len(v) for k, v in encoded.headers)
     if request.deliver_at is not None:
-        headers.append((H_DELIVER_AT, str(ms_ceil(request.deliver_at)).encode()))
-    return headers
+        due = str(ms_ceil(request.deliver_at)).encode()
+        headers.append((H_DELIVER_AT, due))
+        size += len(H_DELIVER_AT) + len(due)
+    return headers, size
+
+
+_PRIORITY_BYTES = {p: p.value.encode() for p in MessagePriority}
+_OWN_KEYS = len(H_MESSAGE_ID) + len(H_PRIORITY) + len(H_PUBLISHED_AT)
 
 
 _RESTAMPED = frozenset({H_DELIVER_AT, H_HOP})
@@ -115,8 +167,8 @@ class DirectPublishStrategy:
               ) -> OutgoingRecord:
         # A delayed message already due when it reached the producer goes out now, its
         # headers still saying when it was due.
-        return OutgoingRecord(topic, request.key, encoded.value,
-                              final_headers(request, encoded))
+        headers, size = _final_headers(request, encoded)
+        return OutgoingRecord(topic, request.key, encoded.value, headers, size)
 
 
 def ms_ceil(seconds: float) -> int:

@@ -60,7 +60,7 @@ from athomic._kafka import (
     KafkaProducer,
     OffsetAndMetadata,
     TopicPartition,
-    acked,
+    acked_all,
     classify,
     kafka_error_name,
     send_batched,
@@ -1106,7 +1106,7 @@ class BucketRepublisher:
                 producer.send_offsets_to_transaction(offsets, self.group_id)))
             try:
                 await self._bounded(asyncio.gather(*futures, return_exceptions=True))
-                results = [acked(x) for x in sent]
+                results = acked_all(sent)
                 refused = self._refused(part, sent, results[:len(send)])
                 if refused or any(isinstance(r, BaseException) for r in results):
                     raise _Refused(refused) from next(r for r in results

@@ -8,8 +8,21 @@ import uuid
 
 import pytest
 
-from athomic import InvalidHeaderError, InvalidTopicError, MessageHeaders, MessagePriority
-from athomic.messages import message_id_time, new_message_id, validate_topic
+from athomic import (
+    InvalidHeaderError,
+    InvalidTopicError,
+    MessageHeaders,
+    MessagePriority,
+    PublishingOutcome,
+)
+from athomic.messages import (
+    Outcomes,
+    PublishRequest,
+    PublishRequests,
+    message_id_time,
+    new_message_id,
+    validate_topic,
+)
 
 
 def test_headers_keep_order_and_repeats() -> None:
@@ -84,3 +97,50 @@ def test_one_coercion_for_every_shape_of_headers() -> None:
     for bad in ([("", b"x")], [(1, b"x")], [("a", 1)], ["abc"]):
         with pytest.raises(InvalidHeaderError):
             MessageHeaders(bad)  # type: ignore[arg-type]
+
+
+class _CountingPickler(pickle.Pickler):
+    """Ray's pickler calls a Python hook (``reducer_override``) for every object that is
+    not a plain list, dict, tuple or scalar; this one counts the calls."""
+
+    calls = 0
+
+    def reducer_override(self, obj: object) -> object:
+        type(self).calls += 1
+        return NotImplemented
+
+
+def _hook_calls(obj: object) -> int:
+    import io
+
+    _CountingPickler.calls = 0
+    _CountingPickler(io.BytesIO(), protocol=5).dump(obj)
+    return _CountingPickler.calls
+
+
+def test_a_batch_of_requests_pickles_as_rows_and_arrives_whole() -> None:
+    shared = [("traceparent", b"00-" + b"a" * 32 + b"-" + b"b" * 16 + b"-01")]
+    requests = PublishRequests(
+        PublishRequest(f"t{i % 3}", b"v%d" % i, None if i % 2 else b"k", shared if i else [],
+                       "application/json", "m:Model" if i == 4 else None,
+                       MessagePriority.HIGH if i == 2 else MessagePriority.NORMAL,
+                       10.5 if i == 3 else None, f"id-{i}", 1.25,
+                       b"\x01" * 16 if i == 3 else None)
+        for i in range(1000))
+    back = pickle.loads(pickle.dumps(requests, protocol=5))
+    assert type(back) is list and back == list(requests)
+    assert all(type(r) is PublishRequest for r in back)
+    assert back[5].headers is back[7].headers  # a shared list stays one list
+    # A plain list of requests costs the hook once per request (and per priority);
+    # the batch, a handful in all.
+    assert _hook_calls(list(requests)) >= 1000
+    assert _hook_calls(requests) < 10
+
+
+def test_outcomes_pickle_as_one_byte_each_and_arrive_as_a_list() -> None:
+    values = [PublishingOutcome.SUCCESS_DIRECT, None, PublishingOutcome.SUCCESS_DELAYED] * 400
+    data = pickle.dumps(Outcomes(values), protocol=5)
+    back = pickle.loads(data)
+    assert type(back) is list and back == values
+    assert back[0] is PublishingOutcome.SUCCESS_DIRECT and back[1] is None
+    assert len(data) < 1400 and _hook_calls(Outcomes(values)) < 5

@@ -79,3 +79,28 @@ def test_due_before_reaching_the_producer_goes_to_its_release_bucket() -> None:
     spoof = request()._replace(headers=[("athomic-hop", b"7"), ("athomic-deliver-at", b"1")])
     assert "athomic-hop" not in MessageHeaders(
         actor.direct.build(spoof, Encoded(b"{}", []), spoof.topic).headers)
+
+
+def test_header_bytes_counted_while_building_match_the_headers() -> None:
+    """The size a record is checked against its limit with is counted while its headers
+    are built (the captured part once per batch); it must equal counting the headers."""
+    shared = [("athomic-host", b"vm"), ("message-id", b"spoofed"), ("x", "é".encode())]
+    other = [("y", b"2" * 300)]
+    requests = [
+        request()._replace(headers=shared, message_id=f"id-{i}", published_at=1.0 + i // 3,
+                           schema="m:M" if i == 2 else None,
+                           deliver_at=5.0 if i == 4 else None,
+                           content_type=None if i == 5 else "application/json")
+        for i in range(6)] + [request()._replace(headers=other), request()._replace(headers=[])]
+    direct = DirectPublishStrategy()
+    for i, r in enumerate(requests):
+        encoded = Encoded(r.value, [("content-encoding", b"zstd")] if i % 2 else [])
+        record = direct.build(r, encoded, r.topic)
+        assert record.header_bytes is not None
+        counted = record.size()
+        record.header_bytes = None  # count from the headers themselves
+        assert counted == record.size(), i
+        h = MessageHeaders(record.headers)
+        assert h["message-id"] == f"id-{i}".encode() if i < 6 else True
+        assert ("x" in h) == (i < 6) and ("y" in h) == (i == 6)
+        assert h["athomic-published-at"] == str(round(r.published_at * 1000)).encode()
