@@ -35,7 +35,6 @@ import hashlib
 import hmac
 import struct
 import sys
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
@@ -70,9 +69,10 @@ _TAG = 32
 _NO_VERSION = b"\0" * 16
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Envelope:
-    """A delayed message and its schedule."""
+    """A delayed message and its schedule. Not changed once made (not ``frozen``: a
+    frozen dataclass takes 2-3x as long to create, and one is made per message read)."""
 
     topic: str
     key: bytes | None
@@ -169,7 +169,7 @@ def _field(buf: bytes, pos: int, length: struct.Struct, what: str) -> tuple[byte
     return buf[pos:pos + n], pos + n
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class EnvelopeHead:
     """An envelope's schedule and identity, without its headers and value: what the
     republisher keeps in memory for a message it holds (with the record's bytes, decoded
@@ -240,7 +240,8 @@ def _parse(data: bytes, keys: EnvelopeKeys | None, accept_unauthenticated: bool,
     pos = fixed.size
     try:
         if version == 1:
-            message_id = str(uuid.UUID(bytes=ident))
+            h = ident.hex()  # str(uuid.UUID(bytes=ident)), in a seventh of the time
+            message_id = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
             env_version = ident
         else:
             raw, pos = _field(buf, pos, _U8, "message id")

@@ -101,6 +101,10 @@ _TOPIC_CHECK_S = 5.0
 _IDS_EAGER_MS = 2_000  # the ids topic is read closely from when such a message is read
 # until this long after it is due (or after its release last waited for the topic)
 _READ_AT_LEAST = 64  # records a fetch asks for at least, per partition (see Partition.read_hint)
+_DECODED_WITHIN_MS = 1_000
+"""A message read this close to its release keeps its envelope decoded in full until it
+leaves (parsed once, not twice); one due later is decoded again when it leaves (not kept
+while it waits: memory)."""
 
 
 def now_ms() -> int:
@@ -140,7 +144,8 @@ class Held:
     data: bytes = b""
     """The envelope as read: its headers and value are decoded only when it leaves."""
     decoded: envelope.Envelope | None = None
-    """The envelope decoded in full, when it came out of the cold store to leave now."""
+    """The envelope decoded in full, when it leaves now or soon (read within
+    ``_DECODED_WITHIN_MS`` of its release, or out of the cold store to leave now)."""
 
     @property
     def rank(self) -> int:
@@ -564,8 +569,10 @@ class BucketRepublisher:
                 self.counts["skipped"] += 1
                 continue
             try:
-                env = envelope.peek(record.value, self.keys,
-                                    accept_unauthenticated=self.rep.accept_unauthenticated)
+                # In full: most messages read leave soon, and would be parsed again then.
+                full = envelope.decode(record.value, self.keys,
+                                       accept_unauthenticated=self.rep.accept_unauthenticated)
+                env = envelope.head(full)
                 if env.hold_until_ms > now + bound_ms:
                     # Nothing written into a bucket waits longer than the bucket: a
                     # larger hold would pause the partition for nothing (or forever).
@@ -596,6 +603,8 @@ class BucketRepublisher:
             else:
                 held.data = record.value
                 self._push(part, held)
+                if held.release_ms - now <= _DECODED_WITHIN_MS:
+                    held.decoded = full  # leaves within a transaction or two: kept
 
     def _plan(self, offset: int, env: envelope.EnvelopeHead, now: int) -> Held:
         """What becomes of a message read now: forwarded to a shorter bucket at its hold
