@@ -309,11 +309,13 @@ def too_large(exc: BaseException) -> bool:
     return isinstance(exc, (MessageSizeTooLargeError, RecordListTooLargeError))
 
 
-def acked_all(sent: Sequence[Sent], late: BaseException | None = None) -> list[Any]:
+def acked_all(sent: Sequence[Sent], late: BaseException | None = None, *,
+              offsets: bool = True) -> list[Any]:
     """What each record sent by ``send()`` (``(future, None)``) or by ``send_batched``
     became: its RecordMetadata (offset included) or the error; ``late`` for one whose
     future is not done yet. Each future (a record batch's records share one) is looked at
-    once."""
+    once. Without ``offsets``, a record of a batch gets its batch's metadata (the offset of
+    the batch's first record), a copy less per record."""
     outcome: dict[int, Any] = {}
     results: list[Any] = []
     for item in sent:
@@ -329,7 +331,8 @@ def acked_all(sent: Sequence[Sent], late: BaseException | None = None) -> list[A
                 error = future.exception()
                 found = error if error is not None else future.result()
             outcome[id(future)] = found
-        if position is None or found is None or isinstance(found, BaseException):
+        if not offsets or position is None or found is None or \
+                isinstance(found, BaseException):
             results.append(found)
         else:
             results.append(found._replace(offset=found.offset + position))

@@ -1115,7 +1115,7 @@ class BucketRepublisher:
                 producer.send_offsets_to_transaction(offsets, self.group_id)))
             try:
                 await self._bounded(asyncio.gather(*futures, return_exceptions=True))
-                results = acked_all(sent)
+                results = acked_all(sent, offsets=bool(spans))  # offsets: for spans
                 refused = self._refused(part, sent, results[:len(send)])
                 if refused or any(isinstance(r, BaseException) for r in results):
                     raise _Refused(refused) from next(r for r in results
@@ -1181,6 +1181,8 @@ class BucketRepublisher:
         """The messages whose records failed, each to blame for its failure; except a
         record refused with others as one batch too large for its topic: the partition
         then sends every record alone for a while, and the retry finds the one at fault."""
+        if not any(isinstance(r, BaseException) for r in results):
+            return {}
         members: dict[int, int] = {}
         for x in sent:
             if isinstance(x, tuple):

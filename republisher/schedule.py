@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import bisect
+import functools
 import math
 import zlib
 from array import array
@@ -86,7 +87,16 @@ def plan(buckets: Sequence[float], published_ms: int, deliver_at_ms: int,
          hold_final_s: float = 0.0) -> Plan:
     """The path ``first_hop`` then ``next_step`` (on time) give, in closed form: a step
     always takes the largest bucket that fits, so the path is runs of equal buckets, one
-    run per bucket size, largest first. O(number of buckets) for any delay."""
+    run per bucket size, largest first. O(number of buckets) for any delay.
+
+    It depends on the delay alone (``deliver_at_ms - published_ms``): remembered for the
+    last few thousand delays (a backlog released at once asks again and again)."""
+    return _plan(tuple(buckets), deliver_at_ms - published_ms, hold_final_s)
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(buckets: tuple[float, ...], delay_ms: int, hold_final_s: float) -> Plan:
+    published_ms, deliver_at_ms = 0, delay_ms
     bucket, hold = first_hop(buckets, published_ms, deliver_at_ms)
     hops, last = 1, bucket
     remaining = deliver_at_ms - hold
