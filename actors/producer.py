@@ -41,7 +41,7 @@ from athomic.messages import (
     PublishRequest,
     validate_message_id,
 )
-from athomic.pipeline import EncodeItem, Pipeline, SegmentObserver
+from athomic.pipeline import Encoded, EncodeItem, Pipeline, SegmentObserver
 from athomic.settings import MessagingSettings
 from athomic.strategies import (
     DelayedPublishStrategy,
@@ -214,9 +214,14 @@ class ProducerActor:
         replica when stages are placed on actors), bound to each message's final topic.
         ``observe`` wraps each run of stages (pipeline spans)."""
         limit = self.settings.producer.max_request_size
-        items = [EncodeItem(r.value, topic, r.key, r.message_id, r.content_type or "")
-                 for r, topic in zip(requests, topics, strict=True)]
-        encoded = await self.pipeline.encode_batch(items, self.stage_pool, observe=observe)
+        encoded: list[Encoded]
+        if self.pipeline.stages:
+            items = [EncodeItem(r.value, topic, r.key, r.message_id, r.content_type or "")
+                     for r, topic in zip(requests, topics, strict=True)]
+            encoded = await self.pipeline.encode_batch(items, self.stage_pool,
+                                                       observe=observe)
+        else:  # no byte stages: the serialised bytes are the record's value
+            encoded = [Encoded(r.value, []) for r in requests]
         waiting = {t for r, t in zip(requests, topics, strict=True)
                    if r.deliver_at is not None and t not in self._final_topics}
         if waiting:

@@ -437,17 +437,18 @@ class ProducerHandle:
         now = time.time()
         items = list(messages)
         ids = new_message_ids(len(items))
+        build = self._request
         for i, item in enumerate(items):
-            if not isinstance(item, Mapping):
+            if type(item) is not dict and not isinstance(item, Mapping):
                 raise ValidationError(
                     f"batch items must be mappings of publish arguments, got "
                     f"{type(item).__name__}", index=i)
-            bad = set(item) - _PUBLISH_FIELDS
-            if bad:
+            if not _PUBLISH_FIELDS.issuperset(item):
+                bad = set(item) - _PUBLISH_FIELDS
                 raise ValidationError(f"unknown publish arguments: {sorted(bad)}", index=i)
             try:
-                requests.append(self._request(**{**defaults, **item}, captured=captured,
-                                              now=now, auto_id=ids[i]))
+                requests.append(build(**({**defaults, **item} if defaults else item),
+                                      captured=captured, now=now, auto_id=ids[i]))
             except (ValidationError, SerializationError) as exc:
                 raise exc.at_index(i) from None
         by_lane: dict[str, list[int]] = {}

@@ -15,6 +15,8 @@ OCTET_STREAM = "application/octet-stream"
 TEXT = "text/plain; charset=utf-8"
 
 _ORJSON_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+_PLAIN_JSON = frozenset({dict, list})
+"""Types serialised as JSON with no model or dataclass to name (checked by exact type)."""
 
 
 def _default(obj: Any) -> Any:
@@ -43,6 +45,12 @@ class Serializer:
 
     def dumps(self, obj: Any) -> tuple[bytes, str, str | None]:
         """Return ``(data, content_type, schema)``; schema names the pydantic model, if any."""
+        if type(obj) in _PLAIN_JSON and self.codec == "orjson":  # the common case, first
+            try:
+                return orjson.dumps(obj, default=_default, option=_ORJSON_OPTS), JSON, None
+            except (TypeError, orjson.JSONEncodeError) as exc:
+                raise SerializationError(f"cannot serialise {type(obj).__name__}: {exc}"
+                                         ) from exc
         if self.codec == "bytes" and not isinstance(obj, (bytes, bytearray, memoryview)):
             raise SerializationError(
                 f"the bytes codec accepts only bytes, got {type(obj).__name__}")
