@@ -11,6 +11,10 @@
    same messages in batches of 1,000 (serialise and ``send`` all, then await all), and
    against the fastest aiokafka has (``create_batch``/``send_batch``, one per partition).
 3. Throughput against batch size (10 .. 5,000, 3 calls in flight), for the plot.
+4. The same publishes through a minimal actor (``MinimalActor``: an async Ray actor around
+   a plain aiokafka producer, given bytes ready to send), one at a time and in batches:
+   what a publish through any actor costs here, so athomic's own share can be told apart
+   from the hop it shares with every actor-based publisher.
 
 Each run measures every variant, interleaved; figures are medians with the per-run spread.
 Uses KAFKA_BOOTSTRAP when set, else starts deploy/kafka/kafka-local.
@@ -46,6 +50,60 @@ def event(i: int) -> dict[str, Any]:
 class NoOp:
     async def publish(self, request: Any) -> str:
         return "ok"
+
+
+@ray.remote(num_cpus=0)
+class MinimalActor:
+    """The least an actor publishing to Kafka can be: an async Ray actor holding a plain
+    aiokafka producer (same acks and idempotence), taking bytes that are ready to send.
+    What athomic adds on both sides (validation, context, ids, headers, the in-flight
+    window, telemetry) is measured against it."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.bootstrap = bootstrap
+        self.producer: AIOKafkaProducer | None = None
+
+    async def start(self) -> None:
+        self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all",
+                                         enable_idempotence=True, linger_ms=0,
+                                         max_batch_size=256 * 1024)
+        await self.producer.start()
+
+    async def publish(self, topic: str, key: bytes, value: bytes) -> str:
+        assert self.producer is not None
+        await self.producer.send_and_wait(topic, value, key=key)
+        return "ok"
+
+    async def publish_batch(self, topic: str, records: list[tuple[bytes, bytes]]) -> int:
+        assert self.producer is not None
+        futures = [await self.producer.send(topic, value, key=key) for key, value in records]
+        await asyncio.gather(*futures)
+        return len(futures)
+
+    async def stop(self) -> None:
+        if self.producer is not None:
+            await self.producer.stop()
+
+
+def minimal_single(actor: Any, topic: str, n: int) -> float:
+    start = time.perf_counter()
+    for i in range(n):
+        assert ray.get(actor.publish.remote(topic, f"k{i}".encode(),
+                                            orjson.dumps(event(i)))) == "ok"
+    return n / (time.perf_counter() - start)
+
+
+def minimal_batches(actor: Any, topic: str, batches: int, size: int, in_flight: int
+                    ) -> float:
+    start = time.perf_counter()
+    pending: list[Any] = []
+    for b in range(batches):
+        records = [(f"k{i}".encode(), orjson.dumps(event(b * size + i))) for i in range(size)]
+        if len(pending) >= in_flight:
+            assert ray.get(pending.pop(0)) == size
+        pending.append(actor.publish_batch.remote(topic, records))
+    assert ray.get(pending) == [size] * len(pending)
+    return batches * size / (time.perf_counter() - start)
 
 
 async def aiokafka_single(bootstrap: str, topic: str, n: int) -> float:
@@ -143,8 +201,9 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     results: dict[str, list[float]] = {k: [] for k in (
-        "noop_actor", "aiokafka_single", "athomic_single", "aiokafka_batch",
-        "aiokafka_record_batch", "athomic_batch", "athomic_batch_pipelined")}
+        "noop_actor", "aiokafka_single", "minimal_actor_single", "athomic_single",
+        "aiokafka_batch", "aiokafka_record_batch", "minimal_actor_batch",
+        "minimal_actor_batch_pipelined", "athomic_batch", "athomic_batch_pipelined")}
     sizes = [int(s) for s in args.sizes.split(",") if s]
     curve: dict[int, list[float]] = {s: [] for s in sizes}
     with kafka_and_ray() as bootstrap:
@@ -153,6 +212,8 @@ def main() -> None:
                                                           connection_name=conn))
         noop = NoOp.remote()
         ray.get(noop.publish.remote(None))
+        minimal = MinimalActor.remote(bootstrap)
+        ray.get(minimal.start.remote())
         tag = uuid.uuid4().hex[:6]
         ray.get(handle.publish.remote(topic=f"bench.{tag}", message={"warm": 1}))
         for run in range(1, args.runs + 1):
@@ -165,6 +226,9 @@ def main() -> None:
             results["aiokafka_single"].append(asyncio.run(
                 aiokafka_single(bootstrap, topic + ".raw1", args.single)))
 
+            results["minimal_actor_single"].append(minimal_single(
+                minimal, topic + ".min1", args.single))
+
             msgs = [event(i) for i in range(args.single)]
             start = time.perf_counter()
             for i, m in enumerate(msgs):
@@ -175,6 +239,10 @@ def main() -> None:
                 bootstrap, topic + ".rawb", args.batches, args.batch_size)))
             results["aiokafka_record_batch"].append(asyncio.run(aiokafka_record_batches(
                 bootstrap, topic + ".rawr", args.batches, args.batch_size)))
+            results["minimal_actor_batch"].append(minimal_batches(
+                minimal, topic + ".minb", args.batches, args.batch_size, 1))
+            results["minimal_actor_batch_pipelined"].append(minimal_batches(
+                minimal, topic + ".minp", args.batches, args.batch_size, args.in_flight))
             results["athomic_batch"].append(athomic_batches(
                 handle, topic + ".athb", args.batches, args.batch_size, 1))
             results["athomic_batch_pipelined"].append(athomic_batches(
@@ -186,6 +254,7 @@ def main() -> None:
             print(f"run {run}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in results.items())
                   + "".join(f", batch {s} {curve[s][-1]:.0f}/s" for s in sizes), flush=True)
         ProducerFactory.shutdown(conn)
+        ray.get(minimal.stop.remote())
     floor = [1 / (1 / n + 1 / k) for n, k in zip(results["noop_actor"],
                                                  results["aiokafka_single"], strict=True)]
     ratios = {
@@ -196,6 +265,13 @@ def main() -> None:
         f"batch, {args.in_flight} in flight / aiokafka": [
             a / b for a, b in zip(results["athomic_batch_pipelined"],
                                   results["aiokafka_batch"], strict=True)],
+        "single / minimal actor": [a / b for a, b in zip(
+            results["athomic_single"], results["minimal_actor_single"], strict=True)],
+        "batch / minimal actor": [a / b for a, b in zip(
+            results["athomic_batch"], results["minimal_actor_batch"], strict=True)],
+        f"batch, {args.in_flight} in flight / minimal actor, same": [a / b for a, b in zip(
+            results["athomic_batch_pipelined"], results["minimal_actor_batch_pipelined"],
+            strict=True)],
         f"batch, {args.in_flight} in flight / aiokafka record batches": [
             a / b for a, b in zip(results["athomic_batch_pipelined"],
                                   results["aiokafka_record_batch"], strict=True)],
