@@ -54,7 +54,7 @@ class DelayBucketActor:
         self._watchdog: asyncio.Task[None] | None = None
         self.exit_on_failure = autostart  # a Ray actor: Ray restarts what exits
         if own_process:  # a Ray actor: the process is this actor's alone
-            settle_gc()
+            settle_gc(young_threshold=None)
         if autostart:
             loop = asyncio.get_running_loop()
             self._task = loop.create_task(self.run_forever())

@@ -210,6 +210,18 @@ def peek(data: bytes, keys: EnvelopeKeys | None = None, *,
     return head
 
 
+def due_times(data: bytes) -> tuple[int, int] | None:
+    """``(hold_until_ms, deliver_at_ms)`` from an envelope's fixed part, not checked (None:
+    not an envelope this version reads): to choose between ``peek`` and ``decode``."""
+    if len(data) < _FIXED_V1.size or data[:4] != MAGIC or data[4] not in _KNOWN_FLAGS:
+        return None
+    fixed = _FIXED_V1 if data[4] == 1 else _FIXED_V2
+    if len(data) < fixed.size:
+        return None
+    fields = fixed.unpack_from(data)
+    return fields[6], fields[5]
+
+
 def head(env: Envelope) -> EnvelopeHead:
     """The head ``peek`` gives of ``env``'s bytes (for an envelope decoded in full)."""
     return EnvelopeHead(sys.intern(env.topic), env.key, env.deliver_at_ms, env.hold_until_ms,

@@ -249,7 +249,7 @@ def throughput(n: int, runs: int) -> dict[str, list[float]]:
     # collector: athomic._process).
     from athomic._process import settle_gc
 
-    settle_gc()
+    settle_gc(young_threshold=None)
     bootstrap, stop = start_kafka()
     results: dict[str, list[float]] = {"athomic": [], "aiokafka": []}
     try:

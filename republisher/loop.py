@@ -569,10 +569,18 @@ class BucketRepublisher:
                 self.counts["skipped"] += 1
                 continue
             try:
-                # In full: most messages read leave soon, and would be parsed again then.
-                full = envelope.decode(record.value, self.keys,
-                                       accept_unauthenticated=self.rep.accept_unauthenticated)
-                env = envelope.head(full)
+                # In full when it leaves soon (it would be parsed again then), else only
+                # its head (what waits is not copied out of the record).
+                times = envelope.due_times(record.value)
+                full = None
+                if times is not None and min(times) <= now + _DECODED_WITHIN_MS:
+                    full = envelope.decode(
+                        record.value, self.keys,
+                        accept_unauthenticated=self.rep.accept_unauthenticated)
+                    env = envelope.head(full)
+                else:
+                    env = envelope.peek(record.value, self.keys,
+                                        accept_unauthenticated=self.rep.accept_unauthenticated)
                 if env.hold_until_ms > now + bound_ms:
                     # Nothing written into a bucket waits longer than the bucket: a
                     # larger hold would pause the partition for nothing (or forever).
@@ -603,7 +611,7 @@ class BucketRepublisher:
             else:
                 held.data = record.value
                 self._push(part, held)
-                if held.release_ms - now <= _DECODED_WITHIN_MS:
+                if full is not None and held.release_ms - now <= _DECODED_WITHIN_MS:
                     held.decoded = full  # leaves within a transaction or two: kept
 
     def _plan(self, offset: int, env: envelope.EnvelopeHead, now: int) -> Held:

@@ -15,6 +15,7 @@ from athomic.envelope import (
     EnvelopeKeys,
     decode,
     derive_envelope_key,
+    due_times,
     encode,
     envelope_keys,
 )
@@ -47,6 +48,20 @@ def test_round_trip(value: bytes | None, key: bytes | None,
                  message_id=message_id, version=version, caller_id=caller_id)
     assert decode(encode(env)) == env
     assert decode(encode(env, KEYS), KEYS) == env
+
+
+def test_due_times_read_the_fixed_part_of_either_version() -> None:
+    import struct
+
+    for env in (sample(), sample(message_id="order-17", caller_id=True)):
+        for data in (encode(env), encode(env, KEYS)):
+            assert due_times(data) == (env.hold_until_ms, env.deliver_at_ms)
+    # version 1 (still read): a one-byte hop
+    v1 = struct.pack(">4sBBBBQQQ16s", b"ATHD", 1, 0, 1, 1, 5_000, 4_000, 1_000, b"\x01" * 16)
+    assert due_times(v1 + b"\x00" * 8) == (4_000, 5_000)
+    for junk in (b"", b"ATHD", b"XXXX" + b"\x00" * 60, encode(sample())[:20],
+                 b"ATHD\x09" + b"\x00" * 60):
+        assert due_times(junk) is None
 
 
 def test_next_hop_keeps_everything_but_schedule() -> None:
