@@ -142,7 +142,8 @@ class Held:
     spill: bool = False
     """Written once more to the end of the partition, not yet due (see _plan_commit)."""
     data: bytes = b""
-    """The envelope as read: its headers and value are decoded only when it leaves."""
+    """The envelope as read (its headers and value are decoded when it leaves, unless
+    ``decoded`` already holds them)."""
     decoded: envelope.Envelope | None = None
     """The envelope decoded in full, when it leaves now or soon (read within
     ``_DECODED_WITHIN_MS`` of its release, or out of the cold store to leave now)."""
