@@ -20,6 +20,7 @@ from athomic._kafka import (
     KafkaClients,
     KafkaProducer,
     acked_all,
+    futures_of,
     kafka_error_name,
     send_batched,
     too_large,
@@ -61,11 +62,6 @@ log = logging.getLogger(__name__)
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def _futures_of(sent: list[Any]) -> dict[int, asyncio.Future[Any]]:
-    """The distinct futures of records sent (a record batch's records share one)."""
-    return {id(item[0]): item[0] for item in sent if isinstance(item, tuple)}
 
 
 def _refused_in_batches(sent: list[Any], futures: dict[int, asyncio.Future[Any]]
@@ -272,7 +268,7 @@ class ProducerActor:
         with recorder.sending() as current:
             if len(records) >= self.batch_from:
                 sent = await self._send_batches(producer, records, current)
-                futures = _futures_of(sent)
+                futures = futures_of(sent)
                 await self._await_acks(futures, start, timeout)
                 # Kafka applies max.message.bytes to a record batch: records refused with
                 # others as one batch too large go again, each alone, so each is judged
@@ -285,10 +281,10 @@ class ProducerActor:
                         self._batching, lambda j: current(again[j]), per_batch=1)
                     for i, item in zip(again, resent, strict=True):
                         sent[i] = item
-                    futures = _futures_of(sent)
+                    futures = futures_of(sent)
             else:
                 sent = await self._send_each(producer, records, current)
-                futures = _futures_of(sent)
+                futures = futures_of(sent)
         await self._await_acks(futures, start, timeout)
         results = acked_all(sent, asyncio.TimeoutError(
             f"not acknowledged within delivery_timeout_ms="

@@ -62,6 +62,7 @@ __all__ = [
     "TopicSpec",
     "acked_all",
     "classify",
+    "futures_of",
     "send_batched",
     "too_large",
     "translate",
@@ -307,6 +308,11 @@ async def _submit(producer: KafkaProducer, batching: Batching, batch: Any, topic
 def too_large(exc: BaseException) -> bool:
     """Whether the brokers refused a record batch (or a record) as too large."""
     return isinstance(exc, (MessageSizeTooLargeError, RecordListTooLargeError))
+
+
+def futures_of(sent: Sequence[Sent]) -> dict[int, asyncio.Future[Any]]:
+    """The distinct futures of records sent (a record batch's records share one)."""
+    return {id(item[0]): item[0] for item in sent if isinstance(item, tuple)}
 
 
 def acked_all(sent: Sequence[Sent], late: BaseException | None = None, *,

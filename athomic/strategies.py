@@ -84,52 +84,27 @@ def final_headers(request: PublishRequest, encoded: Encoded) -> list[tuple[str, 
     return _final_headers(request, encoded)[0]
 
 
-# The requests of a batch share one list of captured headers and one publish time, so the
-# work on them is done once per batch, not per record: the last list (held, so ``is``
-# stays meaningful) with what was made of it, and the last publish time with its header.
-# Each is one tuple, replaced whole (no thread sees a half-updated pair).
-_last_caller_part: tuple[object, list[tuple[str, bytes]], int] = (None, [], 0)
-_last_published: tuple[float, bytes] = (-1.0, b"")
-_ENCODED_STR: dict[str, bytes] = {}
-
-
-def _utf8(text: str) -> bytes:
-    found = _ENCODED_STR.get(text)
-    if found is None:
-        found = text.encode()
-        if len(_ENCODED_STR) < 256:  # content types and schema names: a handful
-            _ENCODED_STR[text] = found
-    return found
-
-
 def _final_headers(request: PublishRequest, encoded: Encoded
                    ) -> tuple[list[tuple[str, bytes]], int]:
-    """``final_headers``, and the bytes of their keys and values."""
-    global _last_caller_part, _last_published
-    held, headers_of_caller, size = _last_caller_part
-    if held is not request.headers:
-        headers_of_caller = [h for h in request.headers if h[0] not in _OWNED]
-        size = sum(len(k) + len(v) for k, v in headers_of_caller)
-        _last_caller_part = (request.headers, headers_of_caller, size)
-    headers = headers_of_caller.copy()
+    """``final_headers``, and the bytes of their keys and values (counted as they are
+    added, not summed again when the record's size is checked)."""
+    headers = [h for h in request.headers if h[0] not in _OWNED]
+    size = sum(len(k) + len(v) for k, v in headers)
     message_id = request.message_id.encode()
     priority = _PRIORITY_BYTES[request.priority]
-    when, published_at = _last_published
-    if when != request.published_at:
-        # Epoch milliseconds of the publish call, fixed on the caller's side; kept through
-        # delays, so it is the original publish time.
-        published_at = str(round(request.published_at * 1000)).encode()
-        _last_published = (request.published_at, published_at)
+    # Epoch milliseconds of the publish call, fixed on the caller's side; kept through
+    # delays, so it is the original publish time.
+    published_at = str(round(request.published_at * 1000)).encode()
     headers.append((H_MESSAGE_ID, message_id))
     headers.append((H_PRIORITY, priority))
     headers.append((H_PUBLISHED_AT, published_at))
-    size += (_OWN_KEYS + len(message_id) + len(priority) + len(published_at))
+    size += _OWN_KEYS + len(message_id) + len(priority) + len(published_at)
     if request.content_type is not None:
-        content_type = _utf8(request.content_type)
+        content_type = request.content_type.encode()
         headers.append((H_CONTENT_TYPE, content_type))
         size += len(H_CONTENT_TYPE) + len(content_type)
     if request.schema is not None:
-        schema = _utf8(request.schema)
+        schema = request.schema.encode()
         headers.append((H_SCHEMA, schema))
         size += len(H_SCHEMA) + len(schema)
     if encoded.headers:

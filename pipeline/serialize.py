@@ -29,6 +29,13 @@ def _default(obj: Any) -> Any:
     raise TypeError(f"type {type(obj).__name__} is not JSON serialisable")
 
 
+def _json(obj: Any) -> bytes:
+    try:
+        return orjson.dumps(obj, default=_default, option=_ORJSON_OPTS)
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise SerializationError(f"cannot serialise {type(obj).__name__}: {exc}") from exc
+
+
 def schema_name(model: type[Any]) -> str:
     return f"{model.__module__}:{model.__qualname__}"
 
@@ -46,11 +53,7 @@ class Serializer:
     def dumps(self, obj: Any) -> tuple[bytes, str, str | None]:
         """Return ``(data, content_type, schema)``; schema names the pydantic model, if any."""
         if type(obj) in _PLAIN_JSON and self.codec == "orjson":  # the common case, first
-            try:
-                return orjson.dumps(obj, default=_default, option=_ORJSON_OPTS), JSON, None
-            except (TypeError, orjson.JSONEncodeError) as exc:
-                raise SerializationError(f"cannot serialise {type(obj).__name__}: {exc}"
-                                         ) from exc
+            return _json(obj), JSON, None
         if self.codec == "bytes" and not isinstance(obj, (bytes, bytearray, memoryview)):
             raise SerializationError(
                 f"the bytes codec accepts only bytes, got {type(obj).__name__}")
@@ -69,10 +72,7 @@ class Serializer:
             return bytes(obj), OCTET_STREAM, None
         if isinstance(obj, str):
             return obj.encode("utf-8"), TEXT, None
-        try:
-            data = orjson.dumps(obj, default=_default, option=_ORJSON_OPTS)
-        except (TypeError, orjson.JSONEncodeError) as exc:
-            raise SerializationError(f"cannot serialise {type(obj).__name__}: {exc}") from exc
+        data = _json(obj)
         schema = (schema_name(type(obj))
                   if dataclasses.is_dataclass(obj) and not isinstance(obj, type) else None)
         return data, JSON, schema

@@ -62,6 +62,7 @@ from athomic._kafka import (
     TopicPartition,
     acked_all,
     classify,
+    futures_of,
     kafka_error_name,
     send_batched,
     stop_quietly,
@@ -1112,8 +1113,7 @@ class BucketRepublisher:
             sent = await self._bounded(self._hand_over(part, producer, records, spans,
                                                        markers, sent_ms))
             # one future per record batch (shared by its records), observed once
-            futures = [_observed(f) for f in {id(x[0]): x[0] for x in sent
-                                              if isinstance(x, tuple)}.values()]
+            futures = [_observed(f) for f in futures_of(sent).values()]
             failed = [x for x in sent if isinstance(x, BaseException)]
             if failed:  # refused before sending (size, metadata): nothing is committed
                 raise _Refused({i: x for i, x in enumerate(sent[:len(send)])
