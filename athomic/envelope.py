@@ -157,18 +157,6 @@ def encode(env: Envelope, keys: EnvelopeKeys | None = None) -> bytes:
     return body + bytes([len(key_id)]) + key_id + tag
 
 
-def _field(buf: bytes, pos: int, length: struct.Struct, what: str) -> tuple[bytes, int]:
-    """A length-prefixed field at ``pos``: its bytes and the position after it. The length
-    is checked against what is left before anything is sliced, so a corrupt length can
-    neither read past the end nor allocate more than the input."""
-    (n,) = length.unpack_from(buf, pos)
-    pos += length.size
-    if pos + n > len(buf):
-        raise MalformedEnvelopeError(
-            f"envelope truncated in {what}: needs {n} bytes at {pos}, has {len(buf) - pos}")
-    return buf[pos:pos + n], pos + n
-
-
 @dataclass(slots=True)
 class EnvelopeHead:
     """An envelope's schedule and identity, without its headers and value: what the
@@ -232,10 +220,18 @@ def head(env: Envelope) -> EnvelopeHead:
 
 def _parse(data: bytes, keys: EnvelopeKeys | None, accept_unauthenticated: bool, *,
            full: bool) -> Envelope | EnvelopeHead:
-    if not isinstance(data, (bytes, bytearray)) or len(data) < _FIXED_V1.size:
-        raise MalformedEnvelopeError("not a delay envelope: too short")
-    buf = bytes(data)
+    # Run for every message read, and again for most when they leave: lengths are read by
+    # indexing (a struct call each only for the 4-byte ones), with no function per field;
+    # every length is checked against what is left before anything is sliced, and a read
+    # past the end (IndexError, struct.error) is a truncated envelope.
+    if type(data) is not bytes:
+        if not isinstance(data, (bytes, bytearray)):
+            raise MalformedEnvelopeError("not a delay envelope: too short")
+        data = bytes(data)
+    buf = data
     size = len(buf)
+    if size < _FIXED_V1.size:
+        raise MalformedEnvelopeError("not a delay envelope: too short")
     if buf[:4] != MAGIC:
         raise MalformedEnvelopeError("not a delay envelope: bad magic")
     version = buf[4]
@@ -250,61 +246,77 @@ def _parse(data: bytes, keys: EnvelopeKeys | None, accept_unauthenticated: bool,
     if prio not in _PRIORITY_OF or hop == 0:
         raise MalformedEnvelopeError("envelope priority or hop out of range")
     pos = fixed.size
+    what = "message id"
+    u32 = _U32.unpack_from
     try:
         if version == 1:
             h = ident.hex()  # str(uuid.UUID(bytes=ident)), in a seventh of the time
             message_id = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-            env_version = ident
         else:
-            raw, pos = _field(buf, pos, _U8, "message id")
-            if not raw:
+            end = pos + 1 + buf[pos]
+            if end > size:
+                raise MalformedEnvelopeError("envelope truncated in message id")
+            if end == pos + 1:
                 raise MalformedEnvelopeError("empty message id")
-            message_id = raw.decode("ascii")
-            env_version = ident
-        raw, pos = _field(buf, pos, _U16, "topic")
-        topic = raw.decode()
+            message_id = buf[pos + 1:end].decode("ascii")
+            pos = end
+        what = "topic"
+        end = pos + 2 + (buf[pos] << 8 | buf[pos + 1])
+        if end > size:
+            raise MalformedEnvelopeError("envelope truncated in topic")
+        topic = buf[pos + 2:end].decode()
+        pos = end
         key = None
         if not flags & _F_NULL_KEY:
-            key, pos = _field(buf, pos, _U32, "key")
-        (count,) = _U16.unpack_from(buf, pos)
+            what = "key"
+            end = pos + 4 + u32(buf, pos)[0]
+            if end > size:
+                raise MalformedEnvelopeError("envelope truncated in key")
+            key = buf[pos + 4:end]
+            pos = end
+        what = "headers"
+        count = buf[pos] << 8 | buf[pos + 1]
         pos += 2
         if count > MAX_HEADERS:
             raise MalformedEnvelopeError(f"envelope has {count} headers (max {MAX_HEADERS})")
-        headers = []
+        headers: list[tuple[str, bytes]] = []
         if full:
-            # inline _field (the loop runs for every header of every released message)
-            u16, u32 = _U16.unpack_from, _U32.unpack_from
+            append = headers.append
             for _ in range(count):
-                (n,) = u16(buf, pos)
-                end = pos + 2 + n
-                (m,) = u32(buf, end)
-                stop = end + 4 + m
+                end = pos + 2 + (buf[pos] << 8 | buf[pos + 1])
+                stop = end + 4 + u32(buf, end)[0]
                 if stop > size:
                     raise MalformedEnvelopeError(
                         f"envelope truncated in a header: needs {stop - size} more bytes")
-                headers.append((buf[pos + 2:end].decode(), buf[end + 4:stop]))
+                append((buf[pos + 2:end].decode(), buf[end + 4:stop]))
                 pos = stop
         else:
-            for _ in range(count):
-                pos = _skip(buf, _skip(buf, pos, _U16, "header key"), _U32, "header value")
+            for _ in range(count):  # a position past the end fails the next read
+                end = pos + 2 + (buf[pos] << 8 | buf[pos + 1])
+                pos = end + 4 + u32(buf, end)[0]
+            if pos > size:
+                raise MalformedEnvelopeError("envelope truncated in a header")
         value = None
         if not flags & _F_NULL_VALUE:
+            what = "value"
+            end = pos + 4 + u32(buf, pos)[0]
+            if end > size:
+                raise MalformedEnvelopeError("envelope truncated in value")
             if full:
-                value, pos = _field(buf, pos, _U32, "value")
-            else:
-                pos = _skip(buf, pos, _U32, "value")
+                value = buf[pos + 4:end]
+            pos = end
         body_end = pos
         auth = flags & (_F_AUTH | _F_AUTH_V1)
         if auth:
-            raw, pos = _field(buf, pos, _U8, "key id")
-            key_id = raw.decode("ascii", "replace")
-            tag_size = _TAG if auth == _F_AUTH else 28
-            if pos + tag_size > size:
+            what = "key id"
+            end = pos + 1 + buf[pos]
+            key_id = buf[pos + 1:end].decode("ascii", "replace")
+            pos = end + (_TAG if auth == _F_AUTH else 28)
+            if pos > size:
                 raise MalformedEnvelopeError("envelope truncated in authentication tag")
-            tag = buf[pos:pos + tag_size]
-            pos += tag_size
-    except struct.error:
-        raise MalformedEnvelopeError(f"envelope truncated at byte {pos}") from None
+            tag = buf[end:pos]
+    except (IndexError, struct.error):
+        raise MalformedEnvelopeError(f"envelope truncated in {what} at byte {pos}") from None
     except UnicodeDecodeError:
         raise MalformedEnvelopeError("envelope id, topic or header key is not text") from None
     if pos != size:
@@ -316,27 +328,15 @@ def _parse(data: bytes, keys: EnvelopeKeys | None, accept_unauthenticated: bool,
             raise MalformedEnvelopeError(
                 "envelope is not authenticated but envelope keys are set (accept it while "
                 "turning authentication on with republisher.accept_unauthenticated)")
+    caller_id = flags & _F_CALLER_ID != 0
     if not full:
         # held by the hundred thousand: one topic string, a version only where it matters
-        caller_id = bool(flags & _F_CALLER_ID)
         return EnvelopeHead(sys.intern(topic), key, deliver_at, hold_until, published, hop,
                             _PRIORITY_OF[prio], message_id,
-                            env_version if caller_id else _NO_VERSION, caller_id,
-                            bool(flags & _F_NULL_VALUE))
-    return Envelope(topic=topic, key=key, value=value, headers=tuple(headers),
-                    deliver_at_ms=deliver_at, hold_until_ms=hold_until,
-                    published_ms=published, hop=hop, priority=_PRIORITY_OF[prio],
-                    message_id=message_id, version=env_version,
-                    caller_id=bool(flags & _F_CALLER_ID))
-
-
-def _skip(buf: bytes, pos: int, length: struct.Struct, what: str) -> int:
-    """``_field`` without the copy: the position after a length-prefixed field."""
-    (n,) = length.unpack_from(buf, pos)
-    pos += length.size + n
-    if pos > len(buf):
-        raise MalformedEnvelopeError(f"envelope truncated in {what}")
-    return pos
+                            ident if caller_id else _NO_VERSION, caller_id,
+                            flags & _F_NULL_VALUE != 0)
+    return Envelope(topic, key, value, tuple(headers), deliver_at, hold_until, published,
+                    hop, _PRIORITY_OF[prio], message_id, ident, caller_id)
 
 
 def _verify(auth: int, key_id: str, tag: bytes, body: bytes, keys: EnvelopeKeys) -> None:

@@ -187,3 +187,26 @@ def test_peek_refuses_what_decode_refuses() -> None:
     flipped[-40] ^= 1
     with pytest.raises(MalformedEnvelopeError):
         peek(bytes(flipped), KEYS)
+
+
+@given(st.data())
+def test_any_corruption_is_refused_as_malformed_or_read_whole(data: st.DataObject) -> None:
+    """The parser reads lengths by indexing and relies on reads past the end failing: any
+    bytes changed, cut or added give a MalformedEnvelopeError or a whole envelope (one
+    whose every field was within the input), never another error."""
+    from athomic.envelope import peek
+
+    signed = data.draw(st.booleans())
+    raw = bytearray(encode(sample(headers=(("a", b"1"), ("bb", b"22"))),
+                           KEYS if signed else None))
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, len(raw) - 1))
+        raw[at] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(raw)))
+    corrupt = bytes(raw[:cut]) + data.draw(st.binary(max_size=8))
+    for parse in (decode, peek):
+        try:
+            env = parse(corrupt)
+        except MalformedEnvelopeError:
+            continue
+        assert env.message_id and env.hop >= 1
