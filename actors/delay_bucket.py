@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from athomic._kafka import AIOKAFKA, KafkaClients
-from athomic._process import settle_gc
+from athomic._process import OLD_THRESHOLD, gc_stats, settle_gc
 from athomic.errors import AthomicError, ConfigurationError, MessagingConnectionError
 from athomic.republisher.loop import BucketRepublisher
 from athomic.settings import MessagingSettings
@@ -54,7 +54,7 @@ class DelayBucketActor:
         self._watchdog: asyncio.Task[None] | None = None
         self.exit_on_failure = autostart  # a Ray actor: Ray restarts what exits
         if own_process:  # a Ray actor: the process is this actor's alone
-            settle_gc(young_threshold=None)
+            settle_gc(young_threshold=None, old_threshold=OLD_THRESHOLD)
         if autostart:
             loop = asyncio.get_running_loop()
             self._task = loop.create_task(self.run_forever())
@@ -132,7 +132,7 @@ class DelayBucketActor:
         stats = self.republisher.stats()
         stats.update(restarts=self._restarts, error=str(self._error) if self._error else None,
                      node_id=_node_id(), pid=os.getpid(),
-                     uptime_s=round(time.time() - self._started, 1))
+                     uptime_s=round(time.time() - self._started, 1), **gc_stats())
         return stats
 
     async def fingerprint(self) -> str:

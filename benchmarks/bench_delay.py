@@ -247,9 +247,9 @@ async def baseline(bootstrap: str, topic: str, n: int) -> float:
 def throughput(n: int, runs: int) -> dict[str, list[float]]:
     # Both loops run in this process, tuned as a DelayBucketActor's own process is (the
     # collector: athomic._process).
-    from athomic._process import settle_gc
+    from athomic._process import OLD_THRESHOLD, settle_gc
 
-    settle_gc(young_threshold=None)
+    settle_gc(young_threshold=None, old_threshold=OLD_THRESHOLD)
     bootstrap, stop = start_kafka()
     results: dict[str, list[float]] = {"athomic": [], "aiokafka": []}
     try:
