@@ -126,6 +126,9 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 _TRIM = _malloc_trim()
 _TRIM_EVERY_S = 1.0
+_TRIM_IDLE_S = 0.25
+"""A fetch that found nothing ends a burst of reading: what the burst freed is given back
+then, not up to a second later."""
 
 
 @dataclass(slots=True)
@@ -148,10 +151,6 @@ class Held:
     decoded: envelope.Envelope | None = None
     """The envelope decoded in full, when it leaves now or soon (read within
     ``_DECODED_WITHIN_MS`` of its release, or out of the cold store to leave now)."""
-
-    @property
-    def rank(self) -> int:
-        return _PRIORITY_RANK[self.env.priority] if self.env else 1
 
 
 @dataclass(slots=True)
@@ -436,6 +435,8 @@ class BucketRepublisher:
                     for tp, records in batch.items():
                         self._ingest(tp, records, received)
                         self._churn += len(records)
+                    if not batch:
+                        self._trim(idle=True)
         finally:
             for task in (fetch, self._refreshing):
                 if task is not None:
@@ -444,11 +445,11 @@ class BucketRepublisher:
                         await task
             self._refreshing = None
 
-    def _trim(self) -> None:
+    def _trim(self, *, idle: bool = False) -> None:
         """Give freed memory back to the system, at most every ``_TRIM_EVERY_S`` while
-        messages come and go."""
+        messages come and go (``_TRIM_IDLE_S`` once reading found nothing)."""
         if _TRIM is None or not self._churn or \
-                self.heartbeat - self._trimmed < _TRIM_EVERY_S:
+                self.heartbeat - self._trimmed < (_TRIM_IDLE_S if idle else _TRIM_EVERY_S):
             return
         self._churn = 0
         self._trimmed = self.heartbeat
@@ -561,9 +562,12 @@ class BucketRepublisher:
         hint = part.read_hint or self.rep.max_batch
         if len(records) >= hint:  # used all it got: ask for more next time
             part.read_hint = min(4 * hint, self.rep.max_batch)
+        skew = self.skew if self.skew_known else None
+        keys, unsigned = self.keys, self.rep.accept_unauthenticated
+        soon = now + _DECODED_WITHIN_MS
         for i, record in enumerate(records):
-            if self.skew_known and record.timestamp > 0:
-                self.skew.consumed(now, record.timestamp)
+            if skew is not None and record.timestamp > 0:
+                skew.consumed(now, record.timestamp)
             if record.offset < tracker.position:
                 continue  # read already (a fetch that crossed a seek)
             if tracker.is_done(record.offset):  # published before a restart: skip
@@ -575,14 +579,12 @@ class BucketRepublisher:
                 # its head (what waits is not copied out of the record).
                 times = envelope.due_times(record.value)
                 full = None
-                if times is not None and min(times) <= now + _DECODED_WITHIN_MS:
-                    full = envelope.decode(
-                        record.value, self.keys,
-                        accept_unauthenticated=self.rep.accept_unauthenticated)
+                if times is not None and min(times) <= soon:
+                    full = envelope.decode(record.value, keys,
+                                           accept_unauthenticated=unsigned)
                     env = envelope.head(full)
                 else:
-                    env = envelope.peek(record.value, self.keys,
-                                        accept_unauthenticated=self.rep.accept_unauthenticated)
+                    env = envelope.peek(record.value, keys, accept_unauthenticated=unsigned)
                 if env.hold_until_ms > now + bound_ms:
                     # Nothing written into a bucket waits longer than the bucket: a
                     # larger hold would pause the partition for nothing (or forever).
@@ -819,7 +821,7 @@ class BucketRepublisher:
                     h.action, h.cascade = FINAL, None
                 else:
                     h.cascade = Cascade(target, now)
-        due.sort(key=lambda h: (h.rank, h.release_ms, h.offset))
+        due.sort(key=_due_order)
         # Per key, due order (then offset) wins over priority: among the final records of
         # a key, and among its forwarded ones (a hop lands after the key's earlier ones).
         by_key: dict[bytes, list[int]] = {}
@@ -843,7 +845,11 @@ class BucketRepublisher:
         skip: list[Held] = []
         later: list[Held] = []
         going: dict[bytes, set[tuple[int, int]]] = {}  # per key: what goes now
+        # ``going`` is read only against ``part.waiting_by_key`` entries from before this
+        # batch (the ones it adds are of messages that do not go): kept only when any are
+        track_going = bool(part.waiting_by_key)
         seen: set[str] = set()
+        recent = part.recent
         for h in due:
             env = h.env
             if h.action == CASCADE and env is not None and env.caller_id:
@@ -877,10 +883,11 @@ class BucketRepublisher:
             if why is not None:
                 h.error = why  # cancelled, replaced by a newer publish, or released
                 skip.append(h)
-            elif env.message_id in part.recent or env.message_id in seen:
+            elif env.message_id in recent or env.message_id in seen:
                 h.error = "duplicate"
                 skip.append(h)  # released before: a retried publish's second copy
-            elif not await self._topic_exists(part, env.topic):
+            elif not (self._topic_known(env.topic) or
+                      await self._topic_exists(part, env.topic)):
                 failing = part.failing.setdefault(h.offset, Failing())
                 failing.attempts += 1
                 failing.last = f"final topic {env.topic!r} does not exist"
@@ -895,7 +902,7 @@ class BucketRepublisher:
             else:
                 seen.add(env.message_id)
                 send.append(h)
-            if key is not None:
+            if key is not None and track_going:
                 going.setdefault(key, set()).add(_key_order(h))
         return send, skip, later
 
@@ -937,6 +944,11 @@ class BucketRepublisher:
         if not copies:
             del part.copies[key]
         return False
+
+    def _topic_known(self, topic: str) -> bool:
+        """Whether a final topic is known to exist (no wait: ``_topic_exists`` asks)."""
+        known = self._topic_checked.get(topic)
+        return known is not None and known[0]
 
     async def _topic_exists(self, part: Partition, topic: str) -> bool:
         """Whether a final topic exists (or, with the brokers' auto-create, now does):
@@ -1218,24 +1230,29 @@ class BucketRepublisher:
         self.telemetry.add_delayed_held(-(len(send) + len(skip)), delay_topic=self.topic)
         for h in skip:
             self.counts[h.error if h.error in ("cancelled", "replaced") else "duplicate"] += 1
-        for h in send + skip:
-            part.failing.pop(h.offset, None)
-            self._untrack(part, h)
+        if part.failing or part.waiting_by_key:
+            for h in send + skip:
+                part.failing.pop(h.offset, None)
+                self._untrack(part, h)
         if part.copies:
             for h in skip:  # not carried on: no copy comes back
                 if h.env is not None and h.env.key is not None:
                     self._copy_back(part, h.env.key, h.env.message_id, None)
+        counts, recent, lateness = self.counts, part.recent, self.lateness
+        metrics = self.telemetry.metrics
         for h in send:
             if h.spill:
-                self.counts[RESTAGE] += 1
+                counts[RESTAGE] += 1
                 continue
-            self.counts[h.action] += 1
+            counts[h.action] += 1
             env = h.env
             if h.action == FINAL and env is not None:
-                part.recent.add(env.message_id, committed)
+                recent.add(env.message_id, committed)
                 late = (committed - env.deliver_at_ms) / 1000
-                self.lateness.add(late)
-                self.telemetry.record_lateness(late, delay_topic=self.topic, topic=env.topic)
+                lateness.add(late)
+                if metrics:
+                    self.telemetry.record_lateness(late, delay_topic=self.topic,
+                                                   topic=env.topic)
             elif h.action == DEAD_LETTER:
                 self.telemetry.record_dlq(
                     source_topic=self.topic,
@@ -1426,6 +1443,12 @@ def _marker_values(ids: list[bytes]) -> list[bytes]:
     if start < len(ids):
         values.append(b"\n".join(ids[start:]))
     return values
+
+
+def _due_order(h: Held) -> tuple[int, int, int]:
+    """The order a due batch goes in: HIGH first, then by due time, then offset."""
+    env = h.env
+    return (_PRIORITY_RANK[env.priority] if env is not None else 1, h.release_ms, h.offset)
 
 
 def _key_order(h: Held) -> tuple[int, int]:

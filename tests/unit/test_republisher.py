@@ -252,6 +252,32 @@ async def test_a_message_read_near_its_release_is_parsed_once(
     assert all(times[m] == 2 for m in later), times
 
 
+async def test_memory_is_given_back_once_a_burst_of_reading_ends(
+        kafka: FakeKafka, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While messages come and go, freed memory is given back at most once a second; a
+    fetch that finds nothing ends a burst, and what it freed is given back then."""
+    from athomic.republisher import loop as loop_module
+
+    trims: list[float] = []
+    monkeypatch.setattr(loop_module, "_TRIM", lambda pad: trims.append(time.monotonic()) or 1)
+    monkeypatch.setattr(loop_module, "_TRIM_EVERY_S", 60.0)  # only the idle path can trim
+    s = settings(republisher={"near_window_s": 30.0})
+    kafka.create_topic("d.10s", 1)
+    async with running(s, kafka, "d.10s") as rep:
+        await asyncio.sleep(0.5)
+        rep._trimmed = rep.heartbeat  # trimmed just now: the next in a minute, unless idle
+        trims.clear()
+        now = int(time.time() * 1000)
+        wrote = time.monotonic()
+        await _write_envelopes(kafka, "d.10s", [now + 20_000] * 30)
+        await until(lambda: rep.held == 30)
+        await until(lambda: bool(trims), timeout=5.0)
+        assert trims[0] - wrote < 2.0
+        count = len(trims)
+        await asyncio.sleep(1.0)  # nothing read since: nothing more to give back
+        assert len(trims) == count
+
+
 async def test_a_transaction_hands_all_its_records_to_the_client_at_once(
         kafka: FakeKafka) -> None:
     """The client adds the partitions of the records it holds to the transaction in one
