@@ -126,9 +126,10 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 _TRIM = _malloc_trim()
 _TRIM_EVERY_S = 1.0
-_TRIM_IDLE_S = 0.25
-"""A fetch that found nothing ends a burst of reading: what the burst freed is given back
-then, not up to a second later."""
+_TRIM_BURST = 5_000
+"""Messages read or gone since the last trim that make a burst: a fetch that then finds
+nothing ends it, and what it freed is given back at once, not up to a second later
+(``malloc_trim`` walks the heap: in steady traffic it stays at once a second)."""
 
 
 @dataclass(slots=True)
@@ -435,8 +436,8 @@ class BucketRepublisher:
                     for tp, records in batch.items():
                         self._ingest(tp, records, received)
                         self._churn += len(records)
-                    if not batch:
-                        self._trim(idle=True)
+                    if not batch and self._churn >= _TRIM_BURST:
+                        self._trim(burst=True)
         finally:
             for task in (fetch, self._refreshing):
                 if task is not None:
@@ -445,11 +446,11 @@ class BucketRepublisher:
                         await task
             self._refreshing = None
 
-    def _trim(self, *, idle: bool = False) -> None:
+    def _trim(self, *, burst: bool = False) -> None:
         """Give freed memory back to the system, at most every ``_TRIM_EVERY_S`` while
-        messages come and go (``_TRIM_IDLE_S`` once reading found nothing)."""
+        messages come and go, or at once when a burst of them ended (``_TRIM_BURST``)."""
         if _TRIM is None or not self._churn or \
-                self.heartbeat - self._trimmed < (_TRIM_IDLE_S if idle else _TRIM_EVERY_S):
+                (not burst and self.heartbeat - self._trimmed < _TRIM_EVERY_S):
             return
         self._churn = 0
         self._trimmed = self.heartbeat

@@ -255,12 +255,14 @@ async def test_a_message_read_near_its_release_is_parsed_once(
 async def test_memory_is_given_back_once_a_burst_of_reading_ends(
         kafka: FakeKafka, monkeypatch: pytest.MonkeyPatch) -> None:
     """While messages come and go, freed memory is given back at most once a second; a
-    fetch that finds nothing ends a burst, and what it freed is given back then."""
+    fetch that finds nothing ends a burst (here of 30 messages), and what it freed is
+    given back then; a fetch finding nothing after a few messages does not trim."""
     from athomic.republisher import loop as loop_module
 
     trims: list[float] = []
     monkeypatch.setattr(loop_module, "_TRIM", lambda pad: trims.append(time.monotonic()) or 1)
     monkeypatch.setattr(loop_module, "_TRIM_EVERY_S", 60.0)  # only the idle path can trim
+    monkeypatch.setattr(loop_module, "_TRIM_BURST", 30)
     s = settings(republisher={"near_window_s": 30.0})
     kafka.create_topic("d.10s", 1)
     async with running(s, kafka, "d.10s") as rep:
@@ -275,6 +277,10 @@ async def test_memory_is_given_back_once_a_burst_of_reading_ends(
         assert trims[0] - wrote < 2.0
         count = len(trims)
         await asyncio.sleep(1.0)  # nothing read since: nothing more to give back
+        assert len(trims) == count
+        await _write_envelopes(kafka, "d.10s", [now + 20_000] * 10)  # not a burst
+        await until(lambda: rep.held == 40)
+        await asyncio.sleep(1.0)
         assert len(trims) == count
 
 
