@@ -16,6 +16,8 @@ from aiokafka.errors import (
     NotEnoughReplicasError,
 )
 from aiokafka.partitioner import murmur2
+from hypothesis import given
+from hypothesis import strategies as st
 from kafka_fake import FakeKafka
 
 from athomic import (
@@ -178,6 +180,31 @@ async def test_concurrent_first_calls_start_one_producer(kafka: FakeKafka) -> No
 def partition_of(key: bytes, count: int) -> int:
     """Kafka's default partitioner (the Java client's and aiokafka's)."""
     return (murmur2(key) & 0x7FFFFFFF) % count
+
+
+@given(st.binary(max_size=80))
+def test_the_partitioner_hashes_as_kafka_clients_do(key: bytes) -> None:
+    """athomic's murmur2 (for records sent in record batches) gives the values of
+    aiokafka's, which gives the Java client's: a key lands where any client puts it."""
+    from athomic._kafka import murmur2 as ours
+    from athomic._kafka import partition_for_key
+
+    assert ours(key) == murmur2(key)
+    for count in (1, 3, 7, 64):
+        assert partition_for_key(key, count) == partition_of(key, count)
+
+
+def test_the_partitioner_matches_the_java_clients_known_values() -> None:
+    # values of org.apache.kafka.common.utils.Utils.murmur2 (as unsigned 32 bits)
+    from athomic._kafka import murmur2 as ours
+
+    assert ours(b"21") == (-973932308) & 0xFFFFFFFF
+    assert ours(b"foobar") == (-790332482) & 0xFFFFFFFF
+    assert ours(b"a-little-bit-long-string") == (-985981536) & 0xFFFFFFFF
+    assert ours(b"a-little-bit-longer-string") == (-1486304829) & 0xFFFFFFFF
+    assert ours(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8") == \
+        (-58897971) & 0xFFFFFFFF
+    assert ours(b"abc") == 479470107
 
 
 async def test_a_large_batch_lands_where_send_would_put_it_in_key_order(
