@@ -184,8 +184,8 @@ def decode(data: bytes, keys: EnvelopeKeys | None = None, *,
     unauthenticated one is refused unless ``accept_unauthenticated`` (while turning
     authentication on). Without keys nothing is verified: such a setup trusts whoever can
     write to its delay topics."""
-    env = _parse(data, keys, accept_unauthenticated, full=True)
-    assert isinstance(env, Envelope)
+    env = _parse(data, keys, accept_unauthenticated, full=True)[1]
+    assert env is not None
     return env
 
 
@@ -193,21 +193,20 @@ def peek(data: bytes, keys: EnvelopeKeys | None = None, *,
          accept_unauthenticated: bool = False) -> EnvelopeHead:
     """``decode``, checked just as thoroughly (bounds, authentication), but keeping only
     the head: no header or value is copied out."""
-    head = _parse(data, keys, accept_unauthenticated, full=False)
-    assert isinstance(head, EnvelopeHead)
+    head = _parse(data, keys, accept_unauthenticated, full=False, head=True)[0]
+    assert head is not None
     return head
 
 
-def due_times(data: bytes) -> tuple[int, int] | None:
-    """``(hold_until_ms, deliver_at_ms)`` from an envelope's fixed part, not checked (None:
-    not an envelope this version reads): to choose between ``peek`` and ``decode``."""
-    if len(data) < _FIXED_V1.size or data[:4] != MAGIC or data[4] not in _KNOWN_FLAGS:
-        return None
-    fixed = _FIXED_V1 if data[4] == 1 else _FIXED_V2
-    if len(data) < fixed.size:
-        return None
-    fields = fixed.unpack_from(data)
-    return fields[6], fields[5]
+def read(data: bytes, keys: EnvelopeKeys | None = None, *,
+         accept_unauthenticated: bool = False, full_by_ms: int
+         ) -> tuple[EnvelopeHead, Envelope | None]:
+    """``peek``, and the envelope decoded in full too when it leaves its delay topic or is
+    due by ``full_by_ms`` (its schedule read once: what a republisher does per record)."""
+    head, env = _parse(data, keys, accept_unauthenticated, full=False, head=True,
+                       full_by_ms=full_by_ms)
+    assert head is not None
+    return head, env
 
 
 def head(env: Envelope) -> EnvelopeHead:
@@ -219,7 +218,9 @@ def head(env: Envelope) -> EnvelopeHead:
 
 
 def _parse(data: bytes, keys: EnvelopeKeys | None, accept_unauthenticated: bool, *,
-           full: bool) -> Envelope | EnvelopeHead:
+           full: bool, head: bool = False, full_by_ms: int | None = None
+           ) -> tuple[EnvelopeHead | None, Envelope | None]:
+    """(the head, with ``head``; the envelope, when ``full`` or due by ``full_by_ms``)."""
     # Run for every message read, and again for most when they leave: lengths are read by
     # indexing (a struct call each only for the 4-byte ones), with no function per field;
     # every length is checked against what is left before anything is sliced, and a read
@@ -245,6 +246,8 @@ def _parse(data: bytes, keys: EnvelopeKeys | None, accept_unauthenticated: bool,
         raise MalformedEnvelopeError(f"unknown envelope flags {flags:#x}")
     if prio not in _PRIORITY_OF or hop == 0:
         raise MalformedEnvelopeError("envelope priority or hop out of range")
+    if full_by_ms is not None:
+        full = min(hold_until, deliver_at) <= full_by_ms
     pos = fixed.size
     what = "message id"
     u32 = _U32.unpack_from
@@ -329,14 +332,13 @@ def _parse(data: bytes, keys: EnvelopeKeys | None, accept_unauthenticated: bool,
                 "envelope is not authenticated but envelope keys are set (accept it while "
                 "turning authentication on with republisher.accept_unauthenticated)")
     caller_id = flags & _F_CALLER_ID != 0
-    if not full:
-        # held by the hundred thousand: one topic string, a version only where it matters
-        return EnvelopeHead(sys.intern(topic), key, deliver_at, hold_until, published, hop,
-                            _PRIORITY_OF[prio], message_id,
-                            ident if caller_id else _NO_VERSION, caller_id,
-                            flags & _F_NULL_VALUE != 0)
-    return Envelope(topic, key, value, tuple(headers), deliver_at, hold_until, published,
-                    hop, _PRIORITY_OF[prio], message_id, ident, caller_id)
+    priority = _PRIORITY_OF[prio]
+    # held by the hundred thousand: one topic string, a version only where it matters
+    return (EnvelopeHead(sys.intern(topic), key, deliver_at, hold_until, published, hop,
+                         priority, message_id, ident if caller_id else _NO_VERSION,
+                         caller_id, flags & _F_NULL_VALUE != 0) if head else None,
+            Envelope(topic, key, value, tuple(headers), deliver_at, hold_until, published,
+                     hop, priority, message_id, ident, caller_id) if full else None)
 
 
 def _verify(auth: int, key_id: str, tag: bytes, body: bytes, keys: EnvelopeKeys) -> None:

@@ -576,16 +576,10 @@ class BucketRepublisher:
                 self.counts["skipped"] += 1
                 continue
             try:
-                # In full when it leaves soon (it would be parsed again then), else only
-                # its head (what waits is not copied out of the record).
-                times = envelope.due_times(record.value)
-                full = None
-                if times is not None and min(times) <= soon:
-                    full = envelope.decode(record.value, keys,
-                                           accept_unauthenticated=unsigned)
-                    env = envelope.head(full)
-                else:
-                    env = envelope.peek(record.value, keys, accept_unauthenticated=unsigned)
+                # In full too when it leaves soon (it would be parsed again then), else
+                # only its head (what waits is not copied out of the record).
+                env, full = envelope.read(record.value, keys,
+                                          accept_unauthenticated=unsigned, full_by_ms=soon)
                 if env.hold_until_ms > now + bound_ms:
                     # Nothing written into a bucket waits longer than the bucket: a
                     # larger hold would pause the partition for nothing (or forever).

@@ -15,7 +15,6 @@ from athomic.envelope import (
     EnvelopeKeys,
     decode,
     derive_envelope_key,
-    due_times,
     encode,
     envelope_keys,
 )
@@ -50,18 +49,32 @@ def test_round_trip(value: bytes | None, key: bytes | None,
     assert decode(encode(env, KEYS), KEYS) == env
 
 
-def test_due_times_read_the_fixed_part_of_either_version() -> None:
+def test_read_gives_the_head_and_the_whole_envelope_only_when_due_soon() -> None:
+    """What a republisher reads per record: always the head; the envelope decoded in full
+    too when it leaves its delay topic (or is due) by ``full_by_ms``, from either version."""
     import struct
 
+    from athomic.envelope import peek, read
+
     for env in (sample(), sample(message_id="order-17", caller_id=True)):
-        for data in (encode(env), encode(env, KEYS)):
-            assert due_times(data) == (env.hold_until_ms, env.deliver_at_ms)
+        for keys in (None, KEYS):
+            data = encode(env, keys)
+            soonest = min(env.hold_until_ms, env.deliver_at_ms)
+            head, full = read(data, keys, full_by_ms=soonest)
+            assert head == peek(data, keys) and full == env
+            head, full = read(data, keys, full_by_ms=soonest - 1)
+            assert head == peek(data, keys) and full is None
     # version 1 (still read): a one-byte hop
-    v1 = struct.pack(">4sBBBBQQQ16s", b"ATHD", 1, 0, 1, 1, 5_000, 4_000, 1_000, b"\x01" * 16)
-    assert due_times(v1 + b"\x00" * 8) == (4_000, 5_000)
+    v1 = struct.pack(">4sBBBBQQQ16s", b"ATHD", 1, 2, 1, 1, 5_000, 4_000, 1_000, b"\x01" * 16)
+    v1 += struct.pack(">H", 1) + b"t" + struct.pack(">H", 0) + struct.pack(">I", 1) + b"v"
+    head, full = read(v1, full_by_ms=4_000)
+    assert (head.hold_until_ms, head.deliver_at_ms) == (4_000, 5_000)
+    assert full is not None and full.value == b"v"
+    assert read(v1, full_by_ms=3_999)[1] is None
     for junk in (b"", b"ATHD", b"XXXX" + b"\x00" * 60, encode(sample())[:20],
                  b"ATHD\x09" + b"\x00" * 60):
-        assert due_times(junk) is None
+        with pytest.raises(MalformedEnvelopeError):
+            read(junk, full_by_ms=0)
 
 
 def test_next_hop_keeps_everything_but_schedule() -> None:
