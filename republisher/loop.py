@@ -1167,28 +1167,35 @@ class BucketRepublisher:
         and each partition that came later took one more round trip to the coordinator
         before its records could be sent: transactions took half as long again.)"""
         sent: list[Any] = []
-        solo = part.solo_until > sent_ms
-        if solo or len(records) >= BATCH_FROM:  # one record batch per partition
-            sent = await send_batched(producer, records, part.batching,
-                                      per_batch=1 if solo else None)
-        else:
-            for i, (topic, key, value, headers) in enumerate(records):
-                span = spans.get(i)
-                try:
-                    # the republish span is current while the client sends the record
-                    with span.current() if span is not None else contextlib.nullcontext():
-                        sent.append((await producer.send(topic, value, key=key,
-                                                         headers=headers), None))
-                except Exception as exc:  # refused before sending (size, metadata)
-                    sent.append(exc)
-                    break
-        if any(isinstance(x, BaseException) for x in sent):
-            return sent  # refused before sending: the transaction is aborted, no markers
-        marker = TopicPartition(self.settings.released_topic, self._marker_partition(part.tp))
-        key = self._marker_key(part.tp)
-        for value in markers:
-            sent.append((await producer.send(marker.topic, value, key=key,
-                                             partition=marker.partition), None))
+        try:
+            solo = part.solo_until > sent_ms
+            if solo or len(records) >= BATCH_FROM:  # one record batch per partition
+                sent = await send_batched(producer, records, part.batching,
+                                          per_batch=1 if solo else None)
+            else:
+                for i, (topic, key, value, headers) in enumerate(records):
+                    span = spans.get(i)
+                    try:
+                        # the republish span is current while the client sends the record
+                        with span.current() if span is not None else \
+                                contextlib.nullcontext():
+                            sent.append((await producer.send(topic, value, key=key,
+                                                             headers=headers), None))
+                    except Exception as exc:  # refused before sending (size, metadata)
+                        sent.append(exc)
+                        break
+            if any(isinstance(x, BaseException) for x in sent):
+                return sent  # refused before sending: the transaction is aborted, no markers
+            marker = TopicPartition(self.settings.released_topic,
+                                    self._marker_partition(part.tp))
+            key = self._marker_key(part.tp)
+            for value in markers:
+                sent.append((await producer.send(marker.topic, value, key=key,
+                                                 partition=marker.partition), None))
+        except BaseException:  # e.g. cancelled (fenced, stopping): the transaction is lost
+            for future in futures_of(sent).values():
+                _observed(future)  # and so are its records' failures, not logged
+            raise
         return sent
 
     @staticmethod
