@@ -940,18 +940,22 @@ class BucketRepublisher:
             del part.copies[key]
         return False
 
-    def _topic_known(self, topic: str) -> bool:
-        """Whether a final topic is known to exist (no wait: ``_topic_exists`` asks)."""
+    def _topic_known(self, topic: str) -> bool | None:
+        """Whether a final topic exists, as known without asking the brokers (None: ask,
+        ``_topic_exists``): known ones are not asked again, missing ones at most every two
+        seconds."""
         known = self._topic_checked.get(topic)
-        return known is not None and known[0]
+        if known is not None and (known[0] or
+                                  now_ms() - known[1] < _MISSING_TOPIC_RECHECK_MS):
+            return known[0]
+        return None
 
     async def _topic_exists(self, part: Partition, topic: str) -> bool:
-        """Whether a final topic exists (or, with the brokers' auto-create, now does):
-        known ones are not asked again, missing ones at most every two seconds."""
-        known = self._topic_checked.get(topic)
+        """Whether a final topic exists (or, with the brokers' auto-create, now does)."""
+        known = self._topic_known(topic)
+        if known is not None:
+            return known
         now = now_ms()
-        if known is not None and (known[0] or now - known[1] < _MISSING_TOPIC_RECHECK_MS):
-            return known[0]
         assert part.producer is not None
         try:
             await asyncio.wait_for(part.producer.partitions_for(topic), _TOPIC_CHECK_S)
