@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import itertools
 import os
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from athomic import MalformedEnvelopeError, MessagePriority
+from athomic import envelope as E
 from athomic.envelope import (
     MAX_HOPS,
     Envelope,
@@ -34,19 +39,71 @@ def sample(**kw: object) -> Envelope:
     return Envelope(**values)  # type: ignore[arg-type]
 
 
+def encode_v2(env: Envelope, keys: EnvelopeKeys | None = None) -> bytes:
+    """A version-2 envelope, byte for byte as written before version 3."""
+    flags = (E._F_NULL_VALUE if env.value is None else 0) | \
+        (E._F_NULL_KEY if env.key is None else 0) | (E._F_AUTH if keys else 0) | \
+        (E._F_CALLER_ID if env.caller_id else 0)
+    mid = E._check_message_id(env.message_id)
+    topic = env.topic.encode()
+    parts = [
+        E._FIXED_V2.pack(E.MAGIC, 2, flags, E._PRIORITY_CODE[env.priority], env.hop,
+                         env.deliver_at_ms, env.hold_until_ms, env.published_ms, env.version),
+        E._U8.pack(len(mid)), mid,
+        E._U16.pack(len(topic)), topic,
+    ]
+    if env.key is not None:
+        parts += [E._U32.pack(len(env.key)), env.key]
+    parts.append(E._U16.pack(len(env.headers)))
+    for k, v in env.headers:
+        kb = k.encode()
+        parts += [E._U16.pack(len(kb)), kb, E._U32.pack(len(v)), v]
+    if env.value is not None:
+        parts += [E._U32.pack(len(env.value)), env.value]
+    body = b"".join(parts)
+    if keys is None:
+        return body
+    key_id = keys.primary.encode()
+    tag = hmac.new(keys.keys[keys.primary], E.AUTH_LABEL + body, hashlib.sha256).digest()
+    return body + bytes([len(key_id)]) + key_id + tag
+
+
+ENCODERS = [encode, encode_v2]
+Encoder = Callable[..., bytes]
+
+
 @given(st.binary(max_size=300) | st.none(), st.binary(max_size=40) | st.none(),
        st.lists(st.tuples(st.text(min_size=1, max_size=20), st.binary(max_size=50)),
                 max_size=10),
        st.sampled_from(list(MessagePriority)), st.integers(1, MAX_HOPS),
        st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1,
-               max_size=128), st.binary(min_size=16, max_size=16), st.booleans())
+               max_size=128), st.binary(min_size=16, max_size=16), st.booleans(),
+       st.sampled_from(ENCODERS))
 def test_round_trip(value: bytes | None, key: bytes | None,
                     headers: list[tuple[str, bytes]], prio: MessagePriority,
-                    hop: int, message_id: str, version: bytes, caller_id: bool) -> None:
+                    hop: int, message_id: str, version: bytes, caller_id: bool,
+                    encoder: Encoder) -> None:
+    """Version 3 as written, and version 2 as written before it (still read)."""
     env = sample(value=value, key=key, headers=tuple(headers), priority=prio, hop=hop,
                  message_id=message_id, version=version, caller_id=caller_id)
-    assert decode(encode(env)) == env
-    assert decode(encode(env, KEYS), KEYS) == env
+    assert decode(encoder(env)) == env
+    assert decode(encoder(env, KEYS), KEYS) == env
+
+
+def test_version_3_is_written_and_refuses_what_it_cannot_carry() -> None:
+    data = encode(sample())
+    assert data[:5] == b"ATHD\x03" and data != encode_v2(sample())
+    with pytest.raises(MalformedEnvelopeError, match="header name is not text"):
+        encode(sample(headers=((b"raw", b"1"),)))
+    with pytest.raises(MalformedEnvelopeError, match="headers"):
+        encode(sample(headers=(("h", b"1"),) * (E.MAX_HEADERS + 1)))
+    with pytest.raises(MalformedEnvelopeError, match="bytes"):
+        encode(sample(topic="t" * 0x10000))
+    with pytest.raises(MalformedEnvelopeError):
+        encode(sample(headers=(("h", "text, not bytes"),)))
+    # header values given as other bytes-like objects are written as bytes
+    env = decode(encode(sample(headers=(("h", bytearray(b"12")), ("m", memoryview(b"3"))))))
+    assert env.headers == (("h", b"12"), ("m", b"3"))
 
 
 def test_read_gives_the_head_and_the_whole_envelope_only_when_due_soon() -> None:
@@ -56,9 +113,10 @@ def test_read_gives_the_head_and_the_whole_envelope_only_when_due_soon() -> None
 
     from athomic.envelope import peek, read
 
-    for env in (sample(), sample(message_id="order-17", caller_id=True)):
+    for env, encoder in itertools.product(
+            (sample(), sample(message_id="order-17", caller_id=True, value=None)), ENCODERS):
         for keys in (None, KEYS):
-            data = encode(env, keys)
+            data = encoder(env, keys)
             soonest = min(env.hold_until_ms, env.deliver_at_ms)
             head, full = read(data, keys, full_by_ms=soonest)
             assert head == peek(data, keys) and full == env
@@ -92,8 +150,9 @@ def test_garbage_is_refused(data: bytes) -> None:
         decode(data)
 
 
-def test_every_truncation_and_trailing_bytes_are_refused() -> None:
-    data = encode(sample())
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_every_truncation_and_trailing_bytes_are_refused(encoder: Encoder) -> None:
+    data = encoder(sample())
     for cut in range(len(data)):
         with pytest.raises(MalformedEnvelopeError):
             decode(data[:cut])
@@ -101,8 +160,9 @@ def test_every_truncation_and_trailing_bytes_are_refused() -> None:
         decode(data + b"x")
 
 
-def test_authenticated_envelopes_refuse_tampering_and_wrong_keys() -> None:
-    data = bytearray(encode(sample(), KEYS))
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_authenticated_envelopes_refuse_tampering_and_wrong_keys(encoder: Encoder) -> None:
+    data = bytearray(encoder(sample(), KEYS))
     for i in range(len(data)):
         flipped = bytearray(data)
         flipped[i] ^= 0x01
@@ -172,14 +232,14 @@ def test_version_1_envelopes_written_before_an_upgrade_still_decode() -> None:
 
 @given(st.binary(max_size=300) | st.none(), st.binary(max_size=40) | st.none(),
        st.lists(st.tuples(st.text(min_size=1, max_size=20), st.binary(max_size=50)),
-                max_size=10), st.booleans())
+                max_size=10), st.booleans(), st.sampled_from(ENCODERS))
 def test_peek_is_decode_without_headers_and_value(value: bytes | None, key: bytes | None,
                                                   headers: list[tuple[str, bytes]],
-                                                  signed: bool) -> None:
+                                                  signed: bool, encoder: Encoder) -> None:
     from athomic.envelope import peek
 
     env = sample(value=value, key=key, headers=tuple(headers))
-    data = encode(env, KEYS if signed else None)
+    data = encoder(env, KEYS if signed else None)
     head = peek(data, KEYS if signed else None)
     assert (head.topic, head.key, head.deliver_at_ms, head.hold_until_ms, head.hop,
             head.priority, head.message_id, head.caller_id) == (
@@ -189,10 +249,11 @@ def test_peek_is_decode_without_headers_and_value(value: bytes | None, key: byte
     assert head.null_value == (value is None)
 
 
-def test_peek_refuses_what_decode_refuses() -> None:
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_peek_refuses_what_decode_refuses(encoder: Encoder) -> None:
     from athomic.envelope import peek
 
-    data = encode(sample(), KEYS)
+    data = encoder(sample(), KEYS)
     for cut in range(len(data)):
         with pytest.raises(MalformedEnvelopeError):
             peek(data[:cut], KEYS)
@@ -210,8 +271,9 @@ def test_any_corruption_is_refused_as_malformed_or_read_whole(data: st.DataObjec
     from athomic.envelope import peek
 
     signed = data.draw(st.booleans())
-    raw = bytearray(encode(sample(headers=(("a", b"1"), ("bb", b"22"))),
-                           KEYS if signed else None))
+    encoder = data.draw(st.sampled_from(ENCODERS))
+    raw = bytearray(encoder(sample(headers=(("a", b"1"), ("bb", b"22"))),
+                            KEYS if signed else None))
     for _ in range(data.draw(st.integers(1, 4))):
         at = data.draw(st.integers(0, len(raw) - 1))
         raw[at] = data.draw(st.integers(0, 255))
