@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from athomic._kafka import AIOKAFKA, KafkaClients
-from athomic._process import OLD_THRESHOLD, collect_on_a_clock, gc_stats, settle_gc
+from athomic._process import OLD_THRESHOLD, gc_stats, settle_gc
 from athomic.errors import AthomicError, ConfigurationError, MessagingConnectionError
 from athomic.republisher.loop import BucketRepublisher
 from athomic.settings import MessagingSettings
@@ -52,11 +52,9 @@ class DelayBucketActor:
         self._started = time.time()
         self._task: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
-        self._collector: asyncio.Task[None] | None = None
         self.exit_on_failure = autostart  # a Ray actor: Ray restarts what exits
         if own_process:  # a Ray actor: the process is this actor's alone
             settle_gc(young_threshold=None, old_threshold=OLD_THRESHOLD)
-            self._collector = asyncio.get_running_loop().create_task(collect_on_a_clock())
         if autostart:
             loop = asyncio.get_running_loop()
             self._task = loop.create_task(self.run_forever())
@@ -143,9 +141,9 @@ class DelayBucketActor:
     async def stop(self) -> None:
         """Stop after the current transactions; held messages stay in Kafka, uncommitted."""
         self.republisher.stop()
-        for task in (self._task, self._watchdog, self._collector):
+        for task in (self._task, self._watchdog):
             if task is not None:
-                if task is not self._task:
+                if task is self._watchdog:
                     task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await asyncio.wait_for(task, 30)

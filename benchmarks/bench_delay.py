@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import multiprocessing as mp
 import random
 import time
 import uuid
-from collections.abc import Coroutine
 from typing import Any
 
 import orjson
@@ -246,23 +244,9 @@ async def baseline(bootstrap: str, topic: str, n: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-async def tuned(work: Coroutine[Any, Any, float]) -> float:
-    """``work`` with the collector running as in a DelayBucketActor's own process: on a
-    clock (athomic._process)."""
-    from athomic._process import collect_on_a_clock
-
-    collector = asyncio.create_task(collect_on_a_clock())
-    try:
-        return await work
-    finally:
-        collector.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await collector
-
-
 def throughput(n: int, runs: int) -> dict[str, list[float]]:
     # Both loops run in this process, tuned as a DelayBucketActor's own process is (the
-    # collector: athomic._process), the baseline too.
+    # collector: athomic._process).
     from athomic._process import OLD_THRESHOLD, settle_gc
 
     settle_gc(young_threshold=None, old_threshold=OLD_THRESHOLD)
@@ -271,8 +255,8 @@ def throughput(n: int, runs: int) -> dict[str, list[float]]:
     try:
         for run in range(1, runs + 1):
             settings, topic = asyncio.run(backlog(bootstrap, n))
-            results["aiokafka"].append(asyncio.run(tuned(baseline(bootstrap, topic, n))))
-            results["athomic"].append(asyncio.run(tuned(ours(settings, topic, n))))
+            results["aiokafka"].append(asyncio.run(baseline(bootstrap, topic, n)))
+            results["athomic"].append(asyncio.run(ours(settings, topic, n)))
             print(f"run {run}: athomic {results['athomic'][-1]:.0f} msg/s, aiokafka "
                   f"{results['aiokafka'][-1]:.0f} msg/s", flush=True)
     finally:

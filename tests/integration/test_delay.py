@@ -28,7 +28,6 @@ from athomic import (
     decode_message,
     decode_record,
 )
-from athomic._process import COLLECT_EVERY_S
 from athomic.actors.delay_bucket import DelayBucketActor
 from athomic.actors.topology import NAMESPACE, delay_actor_name
 
@@ -444,17 +443,14 @@ async def test_a_drained_backlog_sets_off_no_full_collection_in_the_bucket_actor
     """A bucket actor holds what it reads until due, and a full collection walks all of
     it: its process collects the oldest generation seldom (draining 30,000 due messages
     set off 7 full collections with Python's defaults). 20,000 messages due at once go
-    through with none, each delivered once, none early; the young generation is collected
-    on a clock, not per 700 allocations (which made hundreds of collections here)."""
+    through with none, each delivered once, none early."""
     tag = uuid.uuid4().hex[:8]
     settings = settings_factory(delay_topics={1: f"delay.{tag}.1s"},
                                 republisher={"partitions": 1})
     handle = ProducerFactory.create(settings)
     actor = bucket_actor(settings, f"delay.{tag}.1s")
     before = ray.get(actor.stats.remote())
-    began = time.monotonic()
     assert before["gc_threshold"][2] >= 100 and before["gc_frozen"] > 10_000, before
-    assert before["gc_automatic"] is False, before
     n = 20_000
     due = time.time() + 3.0  # every one in the delay topic before the first is due
     for lo in range(0, n, 1000):
@@ -463,10 +459,7 @@ async def test_a_drained_backlog_sets_off_no_full_collection_in_the_bucket_actor
               "deliver_at": due} for i in range(1000)], topic=topic))
     received = await read_timed(kafka_bootstrap, topic, n, timeout=120, extra_wait=1.0)
     after = ray.get(actor.stats.remote())
-    ticks = (time.monotonic() - began) / COLLECT_EVERY_S
     assert after["republished"]["final"] == n
     assert after["gc_collections"][2] == before["gc_collections"][2], (before, after)
-    young = after["gc_collections"][0] - before["gc_collections"][0]
-    assert 0 < young <= ticks + 2, (young, ticks, before, after)
     assert sorted(json.loads(r.value)["i"] for r, _ in received) == list(range(n))
     assert_never_early(received)
