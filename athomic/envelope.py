@@ -210,8 +210,8 @@ def decode(data: bytes, keys: EnvelopeKeys | None = None, *,
 
 def peek(data: bytes, keys: EnvelopeKeys | None = None, *,
          accept_unauthenticated: bool = False) -> EnvelopeHead:
-    """``decode``, checked just as thoroughly (bounds, authentication), but keeping only
-    the head: no header or value is copied out."""
+    """``decode``, checked just as thoroughly (bounds, authentication, types), but keeping
+    only the head: no header or value is kept (a version-2 one is not even copied out)."""
     head = _parse(data, keys, accept_unauthenticated, full=False, head=True)[0]
     assert head is not None
     return head
