@@ -64,6 +64,7 @@ _HKDF_INFO = b"athomic envelope authentication v2"
 _FIXED_V1 = struct.Struct(">4sBBBBQQQ16s")
 _FIXED_V2 = struct.Struct(">4sBBBHQQQ16s")
 _FIXED_V3 = struct.Struct(">4sBBBHQQQ16sI")
+_FIXED = {1: _FIXED_V1, 2: _FIXED_V2, 3: _FIXED_V3}
 _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
@@ -240,10 +241,12 @@ def _parse(data: bytes, keys: EnvelopeKeys | None, accept_unauthenticated: bool,
            full: bool, head: bool = False, full_by_ms: int | None = None
            ) -> tuple[EnvelopeHead | None, Envelope | None]:
     """(the head, with ``head``; the envelope, when ``full`` or due by ``full_by_ms``)."""
-    # Run for every message read, and again for most when they leave: lengths are read by
-    # indexing (a struct call each only for the 4-byte ones), with no function per field;
-    # every length is checked against what is left before anything is sliced, and a read
-    # past the end (IndexError, struct.error) is a truncated envelope.
+    # Run for every message read, and again for most when they leave. The fixed part, the
+    # authentication trailer and the result are the same for every version; the body of
+    # version 3 is unpacked in C, then each field's type and bound checked (MessagePack's
+    # limits bound names, counts and nesting); in versions 1 and 2 lengths are read by
+    # indexing, every one checked against what is left before anything is sliced, and a
+    # read past the end (IndexError, struct.error) is a truncated envelope.
     if type(data) is not bytes:
         if not isinstance(data, (bytes, bytearray)):
             raise MalformedEnvelopeError("not a delay envelope: too short")
@@ -257,12 +260,11 @@ def _parse(data: bytes, keys: EnvelopeKeys | None, accept_unauthenticated: bool,
     version = buf[4]
     if version not in _KNOWN_FLAGS:
         raise MalformedEnvelopeError(f"unsupported envelope version {version}")
-    if version == 3:
-        return _parse_v3(buf, keys, accept_unauthenticated, full, head, full_by_ms)
-    fixed = _FIXED_V1 if version == 1 else _FIXED_V2
+    fixed = _FIXED[version]
     if size < fixed.size:
         raise MalformedEnvelopeError("not a delay envelope: too short")
-    _, _, flags, prio, hop, deliver_at, hold_until, published, ident = fixed.unpack_from(buf)
+    fields = fixed.unpack_from(buf)
+    _, _, flags, prio, hop, deliver_at, hold_until, published, ident = fields[:9]
     if flags & ~_KNOWN_FLAGS[version]:
         raise MalformedEnvelopeError(f"unknown envelope flags {flags:#x}")
     if prio not in _PRIORITY_OF or hop == 0:
@@ -270,6 +272,64 @@ def _parse(data: bytes, keys: EnvelopeKeys | None, accept_unauthenticated: bool,
     if full_by_ms is not None:
         full = min(hold_until, deliver_at) <= full_by_ms
     pos = fixed.size
+    if version == 3:
+        pos += fields[9]
+        if pos > size:
+            raise MalformedEnvelopeError("envelope truncated in its body")
+        try:
+            message_id, topic, key, names, values, value = _unpackb(
+                buf[fixed.size:pos], use_list=False, raw=False, max_str_len=_MAX_NAME,
+                max_array_len=MAX_HEADERS, max_map_len=0, max_ext_len=0)
+        except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
+            raise MalformedEnvelopeError(f"envelope body malformed: {exc}") from None
+        if not (type(message_id) is str and 0 < len(message_id) <= MAX_MESSAGE_ID
+                and message_id.isascii()):
+            raise MalformedEnvelopeError(
+                "envelope message id is not 1..128 ASCII characters")
+        if type(topic) is not str or (key is not None and type(key) is not bytes) or (
+                value is not None and type(value) is not bytes):
+            raise MalformedEnvelopeError("envelope topic, key or value of the wrong type")
+        if type(names) is not tuple or type(values) is not tuple or \
+                len(names) != len(values):
+            raise MalformedEnvelopeError("envelope headers malformed")
+        if names and (set(map(type, names)) != _STR or set(map(type, values)) != _BYTES):
+            raise MalformedEnvelopeError("envelope header of the wrong type")
+        headers = tuple(zip(names, values, strict=True)) if full else ()
+        null_value = value is None
+    else:
+        message_id, topic, key, headers, value, pos = _body_v1_v2(buf, version, flags,
+                                                                  ident, pos, full)
+        null_value = flags & _F_NULL_VALUE != 0
+    body_end = pos
+    auth = flags & (_F_AUTH | _F_AUTH_V1)
+    if auth:
+        end = pos + 1 + buf[pos] if pos < size else size + 1
+        key_id = buf[pos + 1:end].decode("ascii", "replace")
+        pos = end + (_TAG if auth == _F_AUTH else 28)
+        if pos > size:
+            raise MalformedEnvelopeError("envelope truncated in authentication tag")
+        tag = buf[end:pos]
+    if pos != size:
+        raise MalformedEnvelopeError(f"{size - pos} trailing bytes after envelope")
+    if keys is not None:
+        _authenticate(auth, key_id if auth else "", tag if auth else b"", buf[:body_end],
+                      keys, accept_unauthenticated)
+    caller_id = flags & _F_CALLER_ID != 0
+    priority = _PRIORITY_OF[prio]
+    # held by the hundred thousand: one topic string, a version only where it matters
+    return (EnvelopeHead(sys.intern(topic), key, deliver_at, hold_until, published, hop,
+                         priority, message_id, ident if caller_id else _NO_VERSION,
+                         caller_id, null_value) if head else None,
+            Envelope(topic, key, value, headers, deliver_at, hold_until, published,
+                     hop, priority, message_id, ident, caller_id) if full else None)
+
+
+def _body_v1_v2(buf: bytes, version: int, flags: int, ident: bytes, pos: int, full: bool
+                ) -> tuple[str, str, bytes | None, tuple[tuple[str, bytes], ...],
+                           bytes | None, int]:
+    """The body of a version-1 or version-2 envelope from ``pos``: (message id, topic,
+    key, headers and value (empty and None unless ``full``), where the body ends)."""
+    size = len(buf)
     what = "message id"
     u32 = _U32.unpack_from
     try:
@@ -329,97 +389,11 @@ def _parse(data: bytes, keys: EnvelopeKeys | None, accept_unauthenticated: bool,
             if full:
                 value = buf[pos + 4:end]
             pos = end
-        body_end = pos
-        auth = flags & (_F_AUTH | _F_AUTH_V1)
-        if auth:
-            what = "key id"
-            end = pos + 1 + buf[pos]
-            key_id = buf[pos + 1:end].decode("ascii", "replace")
-            pos = end + (_TAG if auth == _F_AUTH else 28)
-            if pos > size:
-                raise MalformedEnvelopeError("envelope truncated in authentication tag")
-            tag = buf[end:pos]
     except (IndexError, struct.error):
         raise MalformedEnvelopeError(f"envelope truncated in {what} at byte {pos}") from None
     except UnicodeDecodeError:
         raise MalformedEnvelopeError("envelope id, topic or header key is not text") from None
-    if pos != size:
-        raise MalformedEnvelopeError(f"{size - pos} trailing bytes after envelope")
-    if keys is not None:
-        _authenticate(auth, key_id if auth else "", tag if auth else b"", buf[:body_end],
-                      keys, accept_unauthenticated)
-    caller_id = flags & _F_CALLER_ID != 0
-    priority = _PRIORITY_OF[prio]
-    # held by the hundred thousand: one topic string, a version only where it matters
-    return (EnvelopeHead(sys.intern(topic), key, deliver_at, hold_until, published, hop,
-                         priority, message_id, ident if caller_id else _NO_VERSION,
-                         caller_id, flags & _F_NULL_VALUE != 0) if head else None,
-            Envelope(topic, key, value, tuple(headers), deliver_at, hold_until, published,
-                     hop, priority, message_id, ident, caller_id) if full else None)
-
-
-def _parse_v3(buf: bytes, keys: EnvelopeKeys | None, accept_unauthenticated: bool,
-              full: bool, head: bool, full_by_ms: int | None
-              ) -> tuple[EnvelopeHead | None, Envelope | None]:
-    """A version-3 envelope: the fixed part, then the body unpacked in C and every field's
-    type and bound checked (MessagePack's limits bound names, counts and nesting)."""
-    size = len(buf)
-    if size < _FIXED_V3.size:
-        raise MalformedEnvelopeError("not a delay envelope: too short")
-    _, _, flags, prio, hop, deliver_at, hold_until, published, ident, body_size = \
-        _FIXED_V3.unpack_from(buf)
-    if flags & ~(_F_AUTH | _F_CALLER_ID):
-        raise MalformedEnvelopeError(f"unknown envelope flags {flags:#x}")
-    if prio not in _PRIORITY_OF or hop == 0:
-        raise MalformedEnvelopeError("envelope priority or hop out of range")
-    if full_by_ms is not None:
-        full = min(hold_until, deliver_at) <= full_by_ms
-    body_end = _FIXED_V3.size + body_size
-    if body_end > size:
-        raise MalformedEnvelopeError("envelope truncated in its body")
-    try:
-        body = _unpackb(buf[_FIXED_V3.size:body_end], use_list=False, raw=False,
-                        max_str_len=_MAX_NAME, max_array_len=MAX_HEADERS, max_map_len=0,
-                        max_ext_len=0)
-        message_id, topic, key, names, values, value = body
-    except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
-        raise MalformedEnvelopeError(f"envelope body malformed: {exc}") from None
-    if not (type(message_id) is str and 0 < len(message_id) <= MAX_MESSAGE_ID
-            and message_id.isascii()):
-        raise MalformedEnvelopeError("envelope message id is not 1..128 ASCII characters")
-    if type(topic) is not str or (key is not None and type(key) is not bytes) or (
-            value is not None and type(value) is not bytes):
-        raise MalformedEnvelopeError("envelope topic, key or value of the wrong type")
-    if type(names) is not tuple or type(values) is not tuple or len(names) != len(values):
-        raise MalformedEnvelopeError("envelope headers malformed")
-    if names and (set(map(type, names)) != _STR or set(map(type, values)) != _BYTES):
-        raise MalformedEnvelopeError("envelope header of the wrong type")
-    if body_end != size or keys is not None:
-        auth = flags & _F_AUTH
-        key_id, tag, pos = "", b"", body_end
-        if auth:
-            if pos >= size:
-                raise MalformedEnvelopeError("envelope truncated in key id")
-            end = pos + 1 + buf[pos]
-            key_id = buf[pos + 1:end].decode("ascii", "replace")
-            pos = end + _TAG
-            if pos > size:
-                raise MalformedEnvelopeError("envelope truncated in authentication tag")
-            tag = buf[end:pos]
-        if pos != size:
-            raise MalformedEnvelopeError(f"{size - pos} trailing bytes after envelope")
-        if keys is not None:
-            _authenticate(auth, key_id, tag, buf[:body_end], keys, accept_unauthenticated)
-    elif flags & _F_AUTH:
-        raise MalformedEnvelopeError("envelope truncated in key id")
-    caller_id = flags & _F_CALLER_ID != 0
-    priority = _PRIORITY_OF[prio]
-    return (EnvelopeHead(sys.intern(topic), key, deliver_at, hold_until, published, hop,
-                         priority, message_id, ident if caller_id else _NO_VERSION,
-                         caller_id, value is None) if head else None,
-            Envelope(topic, key, value, tuple(zip(names, values, strict=True)), deliver_at,
-                     hold_until, published, hop, priority, message_id, ident, caller_id)
-            if full else None)
+    return message_id, topic, key, tuple(headers), value, pos
 
 
 def _authenticate(auth: int, key_id: str, tag: bytes, body: bytes, keys: EnvelopeKeys,
