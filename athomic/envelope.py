@@ -14,7 +14,8 @@ Versioned, binary-safe, bounded. Version 3 (written now; integers big-endian)::
                   the same id again makes a new one)
     body       4+n   a MessagePack array of six: message id (str, ASCII, 1..128 bytes),
                   final (physical) topic (str), key (bin or nil), the final message's
-                  header names (array of str) and their values (array of bin, as many),
+                  header names (array of str) and their values (array of bin, as many;
+                  without the due time and hop, stamped when it is delivered),
                   value (bin or nil: the pipeline-encoded payload, relayed unchanged)
     auth       (bit3) 1+n key id, 32 HMAC-SHA256 over everything above, under a key
                derived for envelopes (``derive_envelope_key``), so a tampered due time,
@@ -40,8 +41,8 @@ import hashlib
 import hmac
 import struct
 import sys
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 import msgpack
 from cryptography.exceptions import InvalidTag
@@ -75,36 +76,86 @@ _KNOWN_FLAGS = {1: _F_NULL_VALUE | _F_NULL_KEY | _F_AUTH_V1,
 _MAX_NAME = 0xFFFF
 """Bytes of a topic or header name (as in version 2, where their lengths took two)."""
 _unpackb = msgpack.unpackb
-_STR, _BYTES = {str}, {bytes}
 _PRIORITY_CODE = {MessagePriority.LOW: 0, MessagePriority.NORMAL: 1, MessagePriority.HIGH: 2}
 _PRIORITY_OF = {v: k for k, v in _PRIORITY_CODE.items()}
 _TAG = 32
 _NO_VERSION = b"\0" * 16
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Envelope:
     """A delayed message and its schedule. Not changed once made (not ``frozen``: a
-    frozen dataclass takes 2-3x as long to create, and one is made per message read)."""
+    frozen dataclass takes 2-3x as long to create, and one is made per message read).
+
+    Made as ``Envelope(topic, key, value, headers, ...)``, headers as (name, value) pairs;
+    kept as two tuples, the names and the values, as the envelope carries them: a parsed
+    envelope builds no pair until its headers are asked for (a republisher holds one per
+    message due soon, and the collector walks every object held)."""
 
     topic: str
     key: bytes | None
     value: bytes | None
-    headers: tuple[tuple[str, bytes], ...]
+    header_names: tuple[str, ...]
+    header_values: tuple[bytes, ...]
     deliver_at_ms: int
     hold_until_ms: int
     published_ms: int
     hop: int
     priority: MessagePriority
     message_id: str
-    version: bytes = b"\0" * 16
+    version: bytes
     """Identifies this publish of ``message_id``: copies of one publish (a retried call)
     share it, a new publish of the same id has another."""
-    caller_id: bool = False
+    caller_id: bool
     """The message id was chosen by the caller (it can be cancelled and replaced)."""
 
+    def __init__(self, topic: str, key: bytes | None, value: bytes | None,
+                 headers: Iterable[tuple[str, bytes]], deliver_at_ms: int,
+                 hold_until_ms: int, published_ms: int, hop: int,
+                 priority: MessagePriority, message_id: str, version: bytes = _NO_VERSION,
+                 caller_id: bool = False) -> None:
+        pairs = tuple(headers)
+        _fill(self, topic, key, value, tuple(k for k, _ in pairs),
+              tuple(v for _, v in pairs), deliver_at_ms, hold_until_ms, published_ms, hop,
+              priority, message_id, version, caller_id)
+
+    @property
+    def headers(self) -> tuple[tuple[str, bytes], ...]:
+        """The final message's headers, (name, value) pairs in order."""
+        return tuple(zip(self.header_names, self.header_values, strict=True))
+
+    def moved(self, *, hop: int, hold_until_ms: int) -> Envelope:
+        """The same message at another hop and hold time."""
+        return _fill(_new_envelope(Envelope), self.topic, self.key, self.value,
+                     self.header_names, self.header_values, self.deliver_at_ms,
+                     hold_until_ms, self.published_ms, hop, self.priority, self.message_id,
+                     self.version, self.caller_id)
+
     def next_hop(self, hold_until_ms: int) -> Envelope:
-        return replace(self, hop=self.hop + 1, hold_until_ms=hold_until_ms)
+        return self.moved(hop=self.hop + 1, hold_until_ms=hold_until_ms)
+
+
+_new_envelope = object.__new__
+
+
+def _fill(env: Envelope, topic: str, key: bytes | None, value: bytes | None,
+          names: tuple[str, ...], values: tuple[bytes, ...], deliver_at_ms: int,
+          hold_until_ms: int, published_ms: int, hop: int, priority: MessagePriority,
+          message_id: str, version: bytes, caller_id: bool) -> Envelope:
+    env.topic = topic
+    env.key = key
+    env.value = value
+    env.header_names = names
+    env.header_values = values
+    env.deliver_at_ms = deliver_at_ms
+    env.hold_until_ms = hold_until_ms
+    env.published_ms = published_ms
+    env.hop = hop
+    env.priority = priority
+    env.message_id = message_id
+    env.version = version
+    env.caller_id = caller_id
+    return env
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,18 +194,17 @@ def encode(env: Envelope, keys: EnvelopeKeys | None = None) -> bytes:
         raise MalformedEnvelopeError(f"hop {env.hop} out of range 1..{MAX_HOPS}")
     if len(env.version) != 16:
         raise MalformedEnvelopeError("envelope version must be 16 bytes")
-    if len(env.headers) > MAX_HEADERS:
+    names, values = env.header_names, env.header_values
+    if len(names) > MAX_HEADERS:
         raise MalformedEnvelopeError(
-            f"{len(env.headers)} headers in a delayed message (max {MAX_HEADERS})")
+            f"{len(names)} headers in a delayed message (max {MAX_HEADERS})")
     _check_message_id(env.message_id)
-    names = [k for k, _ in env.headers]
-    values = [v for _, v in env.headers]
     if names and set(map(type, names)) != {str}:
         raise MalformedEnvelopeError("a header name is not text")
     if values and set(map(type, values)) != {bytes}:
         if any(not isinstance(v, (bytes, bytearray, memoryview)) for v in values):
             raise MalformedEnvelopeError("a header value is not bytes")
-        values = [bytes(v) for v in values]
+        values = tuple(bytes(v) for v in values)
     if len(env.topic) > _MAX_NAME // 4 or (names and max(map(len, names)) > _MAX_NAME // 4):
         for name in (env.topic, *names):  # long enough to check in bytes
             if len(name.encode()) > _MAX_NAME:
@@ -292,13 +342,15 @@ def _parse(data: bytes, keys: EnvelopeKeys | None, accept_unauthenticated: bool,
         if type(names) is not tuple or type(values) is not tuple or \
                 len(names) != len(values):
             raise MalformedEnvelopeError("envelope headers malformed")
-        if names and (set(map(type, names)) != _STR or set(map(type, values)) != _BYTES):
-            raise MalformedEnvelopeError("envelope header of the wrong type")
-        headers = tuple(zip(names, values, strict=True)) if full else ()
+        try:  # the body holds only what MessagePack makes: join takes str / bytes alone
+            "".join(names)
+            b"".join(values)
+        except TypeError:
+            raise MalformedEnvelopeError("envelope header of the wrong type") from None
         null_value = value is None
     else:
-        message_id, topic, key, headers, value, pos = _body_v1_v2(buf, version, flags,
-                                                                  ident, pos, full)
+        message_id, topic, key, names, values, value, pos = _body_v1_v2(
+            buf, version, flags, ident, pos, full)
         null_value = flags & _F_NULL_VALUE != 0
     body_end = pos
     auth = flags & (_F_AUTH | _F_AUTH_V1)
@@ -320,15 +372,17 @@ def _parse(data: bytes, keys: EnvelopeKeys | None, accept_unauthenticated: bool,
     return (EnvelopeHead(sys.intern(topic), key, deliver_at, hold_until, published, hop,
                          priority, message_id, ident if caller_id else _NO_VERSION,
                          caller_id, null_value) if head else None,
-            Envelope(topic, key, value, headers, deliver_at, hold_until, published,
-                     hop, priority, message_id, ident, caller_id) if full else None)
+            _fill(_new_envelope(Envelope), topic, key, value, names, values, deliver_at,
+                  hold_until, published, hop, priority, message_id, ident, caller_id)
+            if full else None)
 
 
 def _body_v1_v2(buf: bytes, version: int, flags: int, ident: bytes, pos: int, full: bool
-                ) -> tuple[str, str, bytes | None, tuple[tuple[str, bytes], ...],
+                ) -> tuple[str, str, bytes | None, tuple[str, ...], tuple[bytes, ...],
                            bytes | None, int]:
     """The body of a version-1 or version-2 envelope from ``pos``: (message id, topic,
-    key, headers and value (empty and None unless ``full``), where the body ends)."""
+    key, header names, header values and value (empty and None unless ``full``), where
+    the body ends)."""
     size = len(buf)
     what = "message id"
     u32 = _U32.unpack_from
@@ -363,16 +417,17 @@ def _body_v1_v2(buf: bytes, version: int, flags: int, ident: bytes, pos: int, fu
         pos += 2
         if count > MAX_HEADERS:
             raise MalformedEnvelopeError(f"envelope has {count} headers (max {MAX_HEADERS})")
-        headers: list[tuple[str, bytes]] = []
+        names: list[str] = []
+        values: list[bytes] = []
         if full:
-            append = headers.append
             for _ in range(count):
                 end = pos + 2 + (buf[pos] << 8 | buf[pos + 1])
                 stop = end + 4 + u32(buf, end)[0]
                 if stop > size:
                     raise MalformedEnvelopeError(
                         f"envelope truncated in a header: needs {stop - size} more bytes")
-                append((buf[pos + 2:end].decode(), buf[end + 4:stop]))
+                names.append(buf[pos + 2:end].decode())
+                values.append(buf[end + 4:stop])
                 pos = stop
         else:
             for _ in range(count):  # a position past the end fails the next read
@@ -393,7 +448,7 @@ def _body_v1_v2(buf: bytes, version: int, flags: int, ident: bytes, pos: int, fu
         raise MalformedEnvelopeError(f"envelope truncated in {what} at byte {pos}") from None
     except UnicodeDecodeError:
         raise MalformedEnvelopeError("envelope id, topic or header key is not text") from None
-    return message_id, topic, key, tuple(headers), value, pos
+    return message_id, topic, key, tuple(names), tuple(values), value, pos
 
 
 def _authenticate(auth: int, key_id: str, tag: bytes, body: bytes, keys: EnvelopeKeys,

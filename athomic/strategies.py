@@ -127,7 +127,12 @@ _RESTAMPED = frozenset({H_DELIVER_AT, H_HOP})
 def delivered_record(env: envelope.Envelope) -> OutgoingRecord:
     """The final record of a delayed message the republisher releases: the record a direct
     publish would have written, with its due time and the delay topics it passed."""
-    headers = [h for h in env.headers if h[0] not in _RESTAMPED]
+    names = env.header_names
+    # as many names as values (the envelope's own invariant): zip's strict check costs
+    # more than the pairs
+    headers = list(zip(names, env.header_values))  # noqa: B905
+    if not _RESTAMPED.isdisjoint(names):  # an earlier athomic carried them in the envelope
+        headers = [h for h in headers if h[0] not in _RESTAMPED]
     headers.append((H_DELIVER_AT, str(env.deliver_at_ms).encode()))
     headers.append((H_HOP, str(env.hop).encode()))
     return OutgoingRecord(env.topic, env.key, env.value, headers)
@@ -156,7 +161,8 @@ class DelayedPublishStrategy:
     The bucket is the largest not longer than the delay (the smallest when the delay is
     shorter than every bucket); the republisher moves the message on from there and
     delivers it to its final topic at its due time, never before. The envelope holds the
-    final record exactly as a direct publish would have sent it.
+    final record as a direct publish would have sent it, but for its due time and hop,
+    which the republisher stamps on it when it delivers it.
 
     A message already due when it reaches the producer (a backlog, or a call Ray retried
     after an actor died) goes straight to its *release bucket*, the bucket its planned path
@@ -187,9 +193,11 @@ class DelayedPublishStrategy:
                                     self._near_s)
             hold_until_ms = now_ms
         version = request.version or _auto_version(request.message_id)
+        # The due time and hop are stamped when the message is delivered: not carried.
+        headers = [h for h in final_headers(request, encoded) if h[0] not in _RESTAMPED]
         env = envelope.Envelope(
             topic=topic, key=request.key, value=encoded.value,
-            headers=tuple(final_headers(request, encoded)), deliver_at_ms=deliver_at_ms,
+            headers=headers, deliver_at_ms=deliver_at_ms,
             hold_until_ms=hold_until_ms, published_ms=published_ms, hop=1,
             priority=request.priority, message_id=request.message_id, version=version,
             caller_id=request.version is not None)

@@ -436,7 +436,7 @@ class TestProducer(ProducerHandle):
             env = decode_envelope(record.value or b"", self._keys)
             hops = plan(self._buckets, env.published_ms, env.deliver_at_ms,
                         self.settings.republisher.near_window_s).hops
-            record = delivered_record(dataclasses.replace(env, hop=hops))
+            record = delivered_record(env.moved(hop=hops, hold_until_ms=env.hold_until_ms))
             due, scheduled = env.deliver_at_ms / 1000, env.caller_id
             deliver_at = _utc(due)
         message = PublishedMessage(

@@ -264,6 +264,13 @@ class HeldStore(Generic[T]):
     def pop_due(self, now_ms: int, limit: int) -> list[T]:
         """Items due at ``now_ms``, earliest first, at most ``limit``."""
         out: list[T] = []
+        if not self._head and not self._wheel_keys:  # nothing cold: the hot heap alone
+            self._head_key = None
+            heap, pop = self._hot, heapq.heappop
+            while heap and heap[0][0] <= now_ms and len(out) < limit:
+                out.append(pop(heap)[2])
+            self._maybe_compact()
+            return out
         while len(out) < limit:
             slot = self._cold_first()
             hot = self._hot[0] if self._hot else None

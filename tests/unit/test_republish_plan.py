@@ -4,7 +4,6 @@ stays within Kafka's commit-metadata limit when many messages leave out of offse
 from __future__ import annotations
 
 import random
-from dataclasses import replace
 
 from aiokafka import TopicPartition
 
@@ -94,8 +93,10 @@ def test_a_message_held_compactly_leaves_as_the_one_read() -> None:
         (now + 30_000, now + 30_000), (now + 600_000, now + 50_000), (now - 5, now - 5)]
     expected = []
     for offset, (deliver_at, hold) in enumerate(cases):
-        data = encode(replace(ENV, deliver_at_ms=deliver_at, hold_until_ms=hold,
-                              message_id=f"m{offset}", key=None))
+        data = encode(Envelope(topic="final", key=None, value=b"v", headers=(),
+                               deliver_at_ms=deliver_at, hold_until_ms=hold,
+                               published_ms=0, hop=1, priority=MessagePriority.NORMAL,
+                               message_id=f"m{offset}"))
         h = rep._plan(offset, peek(data), now)
         part.freeze(h, data)
         expected.append((h.offset, h.release_ms, h.action, h.cascade, h.env, data))

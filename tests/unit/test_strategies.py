@@ -53,6 +53,32 @@ def test_delayed_record_is_an_envelope_in_the_right_bucket() -> None:
     assert MessageHeaders(record.headers)["athomic-deliver-at"] == b"1025500"
 
 
+def test_released_record_is_the_direct_record_with_its_due_time_and_hop() -> None:
+    """The envelope leaves out the due time and hop (stamped when the message leaves); the
+    record the republisher writes is the one a direct publish writes, headers in the same
+    order, then the due time and the hop. An envelope that still carries the two (an
+    earlier athomic wrote it) gives the same record."""
+    from athomic.envelope import Envelope, decode
+    from athomic.strategies import delivered_record
+
+    settings = MessagingSettings(delay_topics={1: "d1", 10: "d10"})
+    req = request()._replace(published_at=1000.0, deliver_at=1012.0)
+    encoded = Encoded(b"zz", [("content-encoding", b"zstd")])
+    env = decode(DelayedPublishStrategy(settings).build(req, encoded, "orders",
+                                                        now=1000.0).value or b"")
+    assert not {"athomic-deliver-at", "athomic-hop"} & set(env.header_names)
+    direct = DirectPublishStrategy().build(req, encoded, "orders")
+    hop3 = env.moved(hop=3, hold_until_ms=env.hold_until_ms)
+    released = delivered_record(hop3)
+    assert released.headers == [*direct.headers, ("athomic-hop", b"3")]
+    assert (released.topic, released.key, released.value) == ("orders", b"k", b"zz")
+    older = Envelope(env.topic, env.key, env.value,
+                     [("athomic-hop", b"1"), *env.headers, ("athomic-deliver-at", b"1012000")],
+                     env.deliver_at_ms, env.hold_until_ms, env.published_ms, 3, env.priority,
+                     env.message_id)
+    assert delivered_record(older).headers == released.headers
+
+
 def test_due_before_reaching_the_producer_goes_to_its_release_bucket() -> None:
     """A delayed message already due at the producer (a backlog, a call Ray retried) is
     not sent directly: it waits, due at once, in the bucket its planned path ends in, where
