@@ -662,26 +662,33 @@ def spread(settings: MessagingSettings, count: int, *, slot: str = SLOTS[0],
     """Scheduling strategies for ``count`` DelayBucketActors: the bundles of one SPREAD
     placement group, so consecutive replicas sit on different nodes whenever there are
     several, and Ray re-places a lost node's bundle (and restarts its actor) on another
-    node. One node: default scheduling, no group."""
+    node. One node: default scheduling, no group.
+
+    A bundle holds what a DelayBucketActor asks for (``republisher.actor_num_cpus``);
+    with the default of 0 CPU it holds one byte of the ``memory`` resource instead (a
+    bundle cannot be empty). A bundle of 0.001 CPU, as before, left every node it sat on
+    with a fraction of a CPU short of a whole one: a task asking for all of a node's CPUs
+    (e.g. ``num_cpus=1`` on a 1-CPU node) could never run there while athomic was up."""
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     alive = [n for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
     if len(alive) < 2 or count == 0:
         return ["DEFAULT"] * count
-    cpus = max(settings.republisher.actor_num_cpus, 0.001)
+    cpus = settings.republisher.actor_num_cpus
+    bundle = {"CPU": cpus} if cpus > 0 else {"memory": 1}
     name = (f"{_group_prefix(settings.connection_name, slot)}"
             f"{settings.fingerprint()}:{count}")
     group = _placement_group(name)
     if group is None:
-        group = placement_group([{"CPU": cpus}] * count, strategy="SPREAD", name=name,
+        group = placement_group([bundle] * count, strategy="SPREAD", name=name,
                                 lifetime="detached")
     ready, _ = ray.wait([group.ready()], timeout=timeout_s)
     if not ready:
         ray.util.remove_placement_group(group)
         raise ConfigurationError(
             f"the {count} DelayBucketActors of connection {settings.connection_name!r} "
-            f"could not be placed within {timeout_s:.0f}s: each needs {cpus} CPU on some "
+            f"could not be placed within {timeout_s:.0f}s: each needs {bundle} on some "
             "node (republisher.actor_num_cpus)")
     return [PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)
             for i in range(count)]

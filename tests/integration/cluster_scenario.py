@@ -20,6 +20,12 @@ from athomic import MessagingSettings, ProducerFactory
 from athomic.actors.topology import NAMESPACE, delay_actor_name
 
 
+@ray.remote(num_cpus=1)
+def _hold_a_cpu() -> str:
+    time.sleep(1.0)  # the three overlap: each needs a whole CPU of its own
+    return ray.get_runtime_context().get_node_id()
+
+
 def main(bootstrap: str) -> dict[str, object]:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
@@ -34,6 +40,12 @@ def main(bootstrap: str) -> dict[str, object]:
     actors = {b: ray.get_actor(delay_actor_name(settings.connection_name, t, 0),
                                namespace=NAMESPACE) for b, t in topics.items()}
     nodes = {b: ray.get(a.stats.remote())["node_id"] for b, a in actors.items()}
+    # Spread over the nodes, the bucket actors (0 CPU) leave every node's CPU whole: one
+    # 1-CPU task per node runs at the same time.
+    cpu_free = ray.available_resources().get("CPU", 0.0)
+    hogs = [_hold_a_cpu.remote() for _ in range(3)]
+    done, _ = ray.wait(hogs, num_returns=3, timeout=60)
+    tasks_ran = sorted(ray.get(done))
     by_id = {w.node_id: w for w in workers}
     victim_bucket = next((b for b in (1, 2, 4) if nodes[b] in by_id), None)
     sent = 0
@@ -57,7 +69,8 @@ def main(bootstrap: str) -> dict[str, object]:
     cluster.shutdown()
     return {"sent": sent, "received": len(ids), "unique": len(set(ids)), "early": early,
             "nodes": len({*nodes.values()}), "removed": removed,
-            "victim_bucket": victim_bucket, "moved_to": after.get("node_id")}
+            "victim_bucket": victim_bucket, "moved_to": after.get("node_id"),
+            "cpu_free": cpu_free, "tasks_ran": tasks_ran}
 
 
 if __name__ == "__main__":

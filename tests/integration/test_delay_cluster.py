@@ -25,6 +25,9 @@ def test_node_loss_mid_stream_loses_nothing(kafka_bootstrap: str) -> None:
     assert out.returncode == 0 and lines, out.stderr[-3000:]
     result = json.loads(lines[-1][len("RESULT "):])
     assert result["nodes"] >= 2, "the bucket actors were spread over the nodes"
+    # their placement group takes no CPU: each 1-CPU node still runs a 1-CPU task
+    assert result["cpu_free"] == pytest.approx(3.0)
+    assert len(result["tasks_ran"]) == 3 and len(set(result["tasks_ran"])) == 3
     assert result["removed"] is not None, "a node running a DelayBucketActor was removed"
     assert result["moved_to"] not in (None, result["removed"])
     assert result["sent"] == result["received"] == result["unique"] == 320
