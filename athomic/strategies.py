@@ -76,15 +76,17 @@ _OWNED = frozenset({H_MESSAGE_ID, H_PRIORITY, H_PUBLISHED_AT, H_CONTENT_TYPE, H_
                     H_DELIVER_AT, H_HOP, *PIPELINE_HEADERS})
 
 
-def final_headers(request: PublishRequest, encoded: Encoded) -> list[tuple[str, bytes]]:
+def final_headers(request: PublishRequest, encoded: Encoded, *, due: bool = True
+                  ) -> list[tuple[str, bytes]]:
     """The caller's (and captured) headers, then what athomic owns: message id, priority,
     publish time, content type and schema, the pipeline's description of the value, and
-    for a delayed message its due time. A caller's value for an owned header is dropped, so
-    a record never misdescribes itself."""
-    return _final_headers(request, encoded)[0]
+    for a delayed message its due time (unless not ``due``: an envelope leaves it to the
+    republisher, which stamps it on delivery). A caller's value for an owned header is
+    dropped, so a record never misdescribes itself."""
+    return _final_headers(request, encoded, due=due)[0]
 
 
-def _final_headers(request: PublishRequest, encoded: Encoded
+def _final_headers(request: PublishRequest, encoded: Encoded, *, due: bool = True
                    ) -> tuple[list[tuple[str, bytes]], int]:
     """``final_headers``, and the bytes of their keys and values (counted as they are
     added, not summed again when the record's size is checked)."""
@@ -110,10 +112,10 @@ def _final_headers(request: PublishRequest, encoded: Encoded
     if encoded.headers:
         headers.extend(encoded.headers)
         size += sum(len(k) + len(v) for k, v in encoded.headers)
-    if request.deliver_at is not None:
-        due = str(ms_ceil(request.deliver_at)).encode()
-        headers.append((H_DELIVER_AT, due))
-        size += len(H_DELIVER_AT) + len(due)
+    if due and request.deliver_at is not None:
+        due_ms = str(ms_ceil(request.deliver_at)).encode()
+        headers.append((H_DELIVER_AT, due_ms))
+        size += len(H_DELIVER_AT) + len(due_ms)
     return headers, size
 
 
@@ -193,11 +195,10 @@ class DelayedPublishStrategy:
                                     self._near_s)
             hold_until_ms = now_ms
         version = request.version or _auto_version(request.message_id)
-        # The due time and hop are stamped when the message is delivered: not carried.
-        headers = [h for h in final_headers(request, encoded) if h[0] not in _RESTAMPED]
         env = envelope.Envelope(
             topic=topic, key=request.key, value=encoded.value,
-            headers=headers, deliver_at_ms=deliver_at_ms,
+            # the due time and hop are stamped when the message is delivered: not carried
+            headers=final_headers(request, encoded, due=False), deliver_at_ms=deliver_at_ms,
             hold_until_ms=hold_until_ms, published_ms=published_ms, hop=1,
             priority=request.priority, message_id=request.message_id, version=version,
             caller_id=request.version is not None)

@@ -264,28 +264,23 @@ class HeldStore(Generic[T]):
     def pop_due(self, now_ms: int, limit: int) -> list[T]:
         """Items due at ``now_ms``, earliest first, at most ``limit``."""
         out: list[T] = []
-        if not self._head and not self._wheel_keys:  # nothing cold: the hot heap alone
-            self._head_key = None
-            heap, pop = self._hot, heapq.heappop
-            while heap and heap[0][0] <= now_ms and len(out) < limit:
-                out.append(pop(heap)[2])
-            self._maybe_compact()
-            return out
         while len(out) < limit:
             slot = self._cold_first()
             hot = self._hot[0] if self._hot else None
-            if slot is not None and (hot is None or (self._due[slot], self._order[slot]) <
-                                     (hot[0], hot[1])):
+            if slot is None:  # nothing cold (left): the hot heap alone, without looking again
+                heap, pop = self._hot, heapq.heappop
+                while heap and heap[0][0] <= now_ms and len(out) < limit:
+                    out.append(pop(heap)[2])
+                break
+            if hot is None or (self._due[slot], self._order[slot]) < (hot[0], hot[1]):
                 if self._due[slot] > now_ms:
                     break
                 self._head.pop()
                 out.append(self._release(slot))
-            elif hot is not None:
+            else:
                 if hot[0] > now_ms:
                     break
                 out.append(heapq.heappop(self._hot)[2])
-            else:
-                break
         self._maybe_compact()
         return out
 
