@@ -25,6 +25,7 @@ from athomic._kafka import (
     send_batched,
     too_large,
     translate,
+    wait_quietly,
 )
 from athomic._process import gc_stats, lower_priority, settle_gc
 from athomic.envelope import CANCELLED, SCHEDULED, IdEvent, encode_id_event
@@ -286,9 +287,10 @@ class ProducerActor:
                 sent = await self._send_each(producer, records, current)
                 futures = futures_of(sent)
         await self._await_acks(futures, start, timeout)
-        results = acked_all(sent, asyncio.TimeoutError(
+        late = None if all(f.done() for f in futures.values()) else asyncio.TimeoutError(
             f"not acknowledged within delivery_timeout_ms="
-            f"{self.settings.producer.delivery_timeout_ms}"))
+            f"{self.settings.producer.delivery_timeout_ms}")
+        results = acked_all(sent, late)
         # A delayed message with a caller-chosen id: every republisher learns which
         # publish of the id is the one to deliver (a later one replaces it).
         scheduled = [i for i, (request, result) in enumerate(zip(requests, results,
@@ -313,10 +315,10 @@ class ProducerActor:
                           timeout: float) -> None:
         waiting = [f for f in futures.values() if not f.done()]
         if waiting:
-            # asyncio.wait never cancels: a record still pending at the deadline stays with
-            # the producer, which may yet deliver it; only our wait ends.
+            # never cancelled: a record still pending at the deadline stays with the
+            # producer, which may yet deliver it; only our wait ends.
             remaining = timeout - (asyncio.get_running_loop().time() - start)
-            await asyncio.wait(waiting, timeout=max(remaining, 0.001))
+            await wait_quietly(waiting, max(remaining, 0.001))
 
     @staticmethod
     async def _send_each(producer: KafkaProducer, records: Sequence[OutgoingRecord],
@@ -410,7 +412,7 @@ class ProducerActor:
                 futures.append(exc)
         waiting = [f for f in futures if not isinstance(f, BaseException)]
         if waiting:
-            await asyncio.wait(waiting, timeout=max(timeout, 0.001))
+            await wait_quietly(waiting, max(timeout, 0.001))
         out: list[BaseException | None] = []
         for fut in futures:
             if isinstance(fut, BaseException):

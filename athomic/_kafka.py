@@ -343,6 +343,33 @@ def futures_of(sent: Sequence[Sent]) -> dict[int, asyncio.Future[Any]]:
     return {id(item[0]): item[0] for item in sent if isinstance(item, tuple)}
 
 
+async def wait_quietly(futures: Sequence[asyncio.Future[Any]], timeout: float) -> None:
+    """Wait until every future is done or ``timeout`` has passed, whichever is first, and
+    never cancel them (a record still pending at the deadline stays with the producer,
+    which may yet deliver it; only the wait ends): ``asyncio.wait`` semantics. One future
+    (a single publish) is waited on directly, without the sets and counters of
+    ``asyncio.wait``."""
+    if len(futures) != 1:
+        await asyncio.wait(futures, timeout=timeout)
+        return
+    future = futures[0]
+    if future.done():
+        return
+    waiter = asyncio.get_running_loop().create_future()
+
+    def wake(_: object = None) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    timer = waiter.get_loop().call_later(timeout, wake)
+    future.add_done_callback(wake)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        future.remove_done_callback(wake)
+
+
 def acked_all(sent: Sequence[Sent], late: BaseException | None = None, *,
               offsets: bool = True) -> list[Any]:
     """What each record sent by ``send()`` (``(future, None)``) or by ``send_batched``

@@ -274,6 +274,19 @@ class _SpanGroup:
         return trace.set_span_in_context(span, Context())
 
 
+_FIELDS: list[Any] = [None, frozenset()]
+"""The global propagator last seen, and the header names it reads."""
+
+
+def _propagation_fields() -> frozenset[str]:
+    """The header names the global propagator reads (``traceparent``, ``baggage``, ...),
+    computed again only when the global propagator is replaced."""
+    textmap = propagate.get_global_textmap()
+    if _FIELDS[0] is not textmap:
+        _FIELDS[:] = [textmap, frozenset(textmap.fields)]
+    return _FIELDS[1]  # type: ignore[no-any-return]
+
+
 def _ignore(index: int) -> None:
     pass
 
@@ -325,9 +338,15 @@ class PublishRecorder:
                 yield _ignore
                 return
             # No span of athomic's here: the caller's context (of the first message; a
-            # batch has one in practice) is the current one instead.
+            # batch has one in practice) is the current one instead; a message carrying
+            # none (no trace context, no baggage) leaves the current context as it is.
+            headers = self._requests[0].headers
+            fields = _propagation_fields()
+            if not any(name in fields for name, _ in headers):
+                yield _ignore
+                return
             callers = otel_context.attach(propagate.extract(
-                MessageHeaders(self._requests[0].headers), getter=HEADERS_GETTER))
+                MessageHeaders(headers), getter=HEADERS_GETTER))
             try:
                 yield _ignore
             finally:

@@ -18,7 +18,7 @@ from aiokafka.errors import (
 from aiokafka.structs import OffsetAndMetadata, RecordMetadata, TopicPartition
 from kafka_fake import FakeKafka, ManualClock
 
-from athomic._kafka import KafkaClients, TopicSpec, stop_quietly
+from athomic._kafka import KafkaClients, TopicSpec, stop_quietly, wait_quietly
 
 TP = TopicPartition("t", 0)
 
@@ -326,3 +326,46 @@ async def test_stop_quietly_closes_what_a_stop_cut_short_leaves_open() -> None:
     closed.clear()
     await stop_quietly(Stops(), 1.0)  # type: ignore[arg-type]
     assert closed == ["stopped"]  # a stop that worked is left alone
+
+
+@pytest.mark.parametrize("count", [1, 3])
+async def test_wait_quietly_returns_when_every_future_is_done(count: int) -> None:
+    loop = asyncio.get_running_loop()
+    futures = [loop.create_future() for _ in range(count)]
+    for i, future in enumerate(futures):
+        loop.call_later(0.01 * (i + 1), future.set_result, i)
+    start = time.monotonic()
+    await wait_quietly(futures, 5.0)
+    assert time.monotonic() - start < 1.0
+    assert [f.result() for f in futures] == list(range(count))
+
+
+@pytest.mark.parametrize("count", [1, 3])
+async def test_wait_quietly_ends_at_the_timeout_and_never_cancels(count: int) -> None:
+    """A record still pending at the deadline stays with the producer: the wait ends, the
+    future is neither cancelled nor left with the wait's callback."""
+    loop = asyncio.get_running_loop()
+    futures = [loop.create_future() for _ in range(count)]
+    start = time.monotonic()
+    await wait_quietly(futures, 0.05)
+    assert 0.04 <= time.monotonic() - start < 1.0
+    assert not any(f.done() for f in futures)
+    if count == 1:
+        assert not futures[0]._callbacks  # type: ignore[attr-defined]
+    for i, future in enumerate(futures):  # delivered later: still a plain result
+        future.set_result(i)
+    assert [f.result() for f in futures] == list(range(count))
+
+
+async def test_wait_quietly_cancelled_leaves_the_future_alone() -> None:
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+    waiting = asyncio.ensure_future(wait_quietly([future], 5.0))
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert not future.done() and not future._callbacks  # type: ignore[attr-defined]
+    await wait_quietly([future], 0.0)  # done or not, a zero timeout returns
+    future.set_result(1)
+    await wait_quietly([future], 5.0)  # already done: returns at once

@@ -541,6 +541,31 @@ def test_nesting_under_the_callers_span_when_athomic_does_not_record() -> None:
         sdk.close()
 
 
+def test_a_message_without_context_leaves_the_current_one_while_sending() -> None:
+    """No SDK, and a message that carries no trace context and no baggage (its caller had
+    none): ``sending`` extracts nothing and attaches nothing, so what is current in the
+    actor stays current (an empty context was attached instead before)."""
+    sdk = Setup()
+    try:
+        sdk.telemetry = Telemetry(TelemetrySettings(metrics=False))  # the global API: no SDK
+        reqs = [request()]  # captured outside any span
+        assert not {"traceparent", "tracestate", "baggage"} & {k for k, _ in reqs[0].headers}
+        recorder = sdk.telemetry.publishing(reqs, ["orders"], batch=False)
+        with sdk.caller.start_as_current_span("actor's own") as own:
+            with recorder.sending() as current:
+                current(0)
+                assert trace.get_current_span() is own
+            assert trace.get_current_span() is own
+        # a message that does carry its caller's context still gets it while it is sent
+        with sdk.caller.start_as_current_span("caller") as caller:
+            reqs = [request()]
+        recorder = sdk.telemetry.publishing(reqs, ["orders"], batch=False)
+        with sdk.caller.start_as_current_span("actor's own"), recorder.sending():
+            assert ids(trace.get_current_span()) == ids(caller)
+    finally:
+        sdk.close()
+
+
 def test_sending_restores_the_context_on_an_error(setup: Setup) -> None:
     with setup.caller.start_as_current_span("caller"):
         reqs = [request("a"), request("b")]
