@@ -14,7 +14,14 @@
 4. The same publishes through a minimal actor (``MinimalActor``: an async Ray actor around
    a plain aiokafka producer, given bytes ready to send), one at a time and in batches:
    what a publish through any actor costs here, so athomic's own share can be told apart
-   from the hop it shares with every actor-based publisher.
+   from the hop it shares with every actor-based publisher. ``publish_outcome`` is the same
+   call returning ``PublishingOutcome.SUCCESS_DIRECT``, as athomic's contract requires
+   (``ray.get(ref) is PublishingOutcome.SUCCESS_DIRECT``): the least any conforming
+   publisher through an actor can cost.
+5. One at a time again, interleaved call by call (``--interleaved``): no-op call,
+   in-process ``send_and_wait``, the minimal actor (both returns) and athomic, in a
+   shuffled order each round, so the machine's drift between blocks does not enter the
+   ratios; medians of the latencies.
 
 Each run measures every variant, interleaved; figures are medians with the per-run spread.
 Uses KAFKA_BOOTSTRAP when set, else starts deploy/kafka/kafka-local.
@@ -25,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import time
 import uuid
 from typing import Any
@@ -74,6 +82,15 @@ class MinimalActor:
         await self.producer.send_and_wait(topic, value, key=key)
         return "ok"
 
+    async def publish_outcome(self, topic: str, key: bytes, value: bytes
+                              ) -> PublishingOutcome:
+        """``publish``, returning what athomic's ``publish`` must return: the
+        ``PublishingOutcome`` member itself (``ray.get(ref) is SUCCESS_DIRECT``), which Ray
+        pickles, where a plain ``str`` goes through its MessagePack path."""
+        assert self.producer is not None
+        await self.producer.send_and_wait(topic, value, key=key)
+        return PublishingOutcome.SUCCESS_DIRECT
+
     async def publish_batch(self, topic: str, records: list[tuple[bytes, bytes]]) -> int:
         assert self.producer is not None
         futures = [await self.producer.send(topic, value, key=key) for key, value in records]
@@ -91,6 +108,67 @@ def minimal_single(actor: Any, topic: str, n: int) -> float:
         assert ray.get(actor.publish.remote(topic, f"k{i}".encode(),
                                             orjson.dumps(event(i)))) == "ok"
     return n / (time.perf_counter() - start)
+
+
+def minimal_single_outcome(actor: Any, topic: str, n: int) -> float:
+    start = time.perf_counter()
+    for i in range(n):
+        assert ray.get(actor.publish_outcome.remote(
+            topic, f"k{i}".encode(), orjson.dumps(event(i)))) is PublishingOutcome.SUCCESS_DIRECT
+    return n / (time.perf_counter() - start)
+
+
+def interleaved_single(bootstrap: str, handle: Any, noop: Any, minimal: Any, topic: str,
+                       n: int) -> dict[str, float]:
+    """One-at-a-time publishing with the variants interleaved call by call (in a shuffled
+    order each round), so every variant sees the same moment of this machine's load: the
+    median latency of each, in microseconds. The blocks of 2,000 calls above run one
+    variant after another, minutes apart at most, and the machine's speed drifts between
+    them."""
+    loop = asyncio.new_event_loop()
+
+    async def start() -> AIOKafkaProducer:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
+                                    enable_idempotence=True, linger_ms=0)
+        await producer.start()
+        return producer
+
+    producer = loop.run_until_complete(start())
+    msgs = [event(i) for i in range(n)]
+
+    def raw(i: int) -> None:
+        loop.run_until_complete(producer.send_and_wait(
+            topic + ".iraw", orjson.dumps(msgs[i]), key=f"k{i}".encode()))
+
+    def athomic(i: int) -> None:
+        assert ray.get(handle.publish.remote(topic=topic + ".iath", message=msgs[i],
+                                             key=f"k{i}")) is PublishingOutcome.SUCCESS_DIRECT
+
+    variants = {
+        "noop_actor": lambda i: ray.get(noop.publish.remote(None)),
+        "send_and_wait": raw,
+        "minimal_actor": lambda i: ray.get(minimal.publish.remote(
+            topic + ".imin", f"k{i}".encode(), orjson.dumps(msgs[i]))),
+        "minimal_actor_outcome": lambda i: ray.get(minimal.publish_outcome.remote(
+            topic + ".iout", f"k{i}".encode(), orjson.dumps(msgs[i]))),
+        "athomic": athomic,
+    }
+    latencies: dict[str, list[float]] = {k: [] for k in variants}
+    names = list(variants)
+    shuffle = random.Random(7).shuffle
+    try:
+        for name in names:
+            variants[name](0)
+        for i in range(n):
+            shuffle(names)
+            for name in names:
+                start_t = time.perf_counter()
+                variants[name](i)
+                latencies[name].append(time.perf_counter() - start_t)
+    finally:
+        loop.run_until_complete(producer.stop())
+        loop.close()
+    return {k: 1e6 * median(v) for k, v in latencies.items()}
 
 
 def minimal_batches(actor: Any, topic: str, batches: int, size: int, in_flight: int
@@ -198,14 +276,19 @@ def main() -> None:
                         help="publish_batch calls in flight in the pipelined variant")
     parser.add_argument("--sizes", default="10,100,1000,5000",
                         help="batch sizes for the throughput curve (empty: skip)")
+    parser.add_argument("--interleaved", type=int, default=2000,
+                        help="calls per variant of the interleaved one-at-a-time "
+                             "measurement, per run (0: skip)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     results: dict[str, list[float]] = {k: [] for k in (
-        "noop_actor", "aiokafka_single", "minimal_actor_single", "athomic_single",
+        "noop_actor", "aiokafka_single", "minimal_actor_single",
+        "minimal_actor_single_outcome", "athomic_single",
         "aiokafka_batch", "aiokafka_record_batch", "minimal_actor_batch",
         "minimal_actor_batch_pipelined", "athomic_batch", "athomic_batch_pipelined")}
     sizes = [int(s) for s in args.sizes.split(",") if s]
     curve: dict[int, list[float]] = {s: [] for s in sizes}
+    interleaved: list[dict[str, float]] = []
     with kafka_and_ray() as bootstrap:
         conn = f"bench{uuid.uuid4().hex[:6]}"
         handle = ProducerFactory.create(MessagingSettings(bootstrap_servers=bootstrap,
@@ -229,6 +312,9 @@ def main() -> None:
             results["minimal_actor_single"].append(minimal_single(
                 minimal, topic + ".min1", args.single))
 
+            results["minimal_actor_single_outcome"].append(minimal_single_outcome(
+                minimal, topic + ".mino", args.single))
+
             msgs = [event(i) for i in range(args.single)]
             start = time.perf_counter()
             for i, m in enumerate(msgs):
@@ -251,6 +337,11 @@ def main() -> None:
                 batches = max(3, 20_000 // size)
                 curve[size].append(athomic_batches(handle, f"{topic}.curve{size}", batches,
                                                    size, args.in_flight))
+            if args.interleaved:
+                interleaved.append(interleaved_single(bootstrap, handle, noop, minimal,
+                                                      topic, args.interleaved))
+                print(f"run {run}, interleaved median latency: " + ", ".join(
+                    f"{k} {v:.0f} us" for k, v in interleaved[-1].items()), flush=True)
             print(f"run {run}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in results.items())
                   + "".join(f", batch {s} {curve[s][-1]:.0f}/s" for s in sizes), flush=True)
         ProducerFactory.shutdown(conn)
@@ -265,6 +356,11 @@ def main() -> None:
         f"batch, {args.in_flight} in flight / aiokafka": [
             a / b for a, b in zip(results["athomic_batch_pipelined"],
                                   results["aiokafka_batch"], strict=True)],
+        "single, minimal actor returning PublishingOutcome / floor": [
+            a / f for a, f in zip(results["minimal_actor_single_outcome"], floor,
+                                  strict=True)],
+        "single, minimal actor / floor": [
+            a / f for a, f in zip(results["minimal_actor_single"], floor, strict=True)],
         "single / minimal actor": [a / b for a, b in zip(
             results["athomic_single"], results["minimal_actor_single"], strict=True)],
         "batch / minimal actor": [a / b for a, b in zip(
@@ -276,6 +372,17 @@ def main() -> None:
             a / b for a, b in zip(results["athomic_batch_pipelined"],
                                   results["aiokafka_record_batch"], strict=True)],
     }
+    for run in interleaved:
+        # the same ratios from latencies: the floor is the no-op call plus send_and_wait
+        floor_us = run["noop_actor"] + run["send_and_wait"]
+        for name, key in (("single / floor", "athomic"),
+                          ("single, minimal actor returning PublishingOutcome / floor",
+                           "minimal_actor_outcome"),
+                          ("single, minimal actor / floor", "minimal_actor"),
+                          ("single / minimal actor", None)):
+            value = (run["minimal_actor"] / run["athomic"] if key is None
+                     else floor_us / run[key])
+            ratios.setdefault(f"{name}, interleaved", []).append(value)
     print(f"\n{args.runs} runs, 1 KiB JSON messages, acks=all, idempotent ({machine()})")
     print(f"{'variant':34} {'median msg/s':>12}  per run")
     for k, v in {**results, "floor (no-op call + send_and_wait)": floor}.items():
@@ -283,7 +390,12 @@ def main() -> None:
     for size in sizes:
         print(f"{f'batch {size}, {args.in_flight} in flight':34} "
               f"{median(curve[size]):>12.0f}  {', '.join(f'{x:.0f}' for x in curve[size])}")
-    targets = {"single / floor": 0.85, "batch / aiokafka": 0.7,
+    for k in interleaved[0] if interleaved else ():
+        values = [run[k] for run in interleaved]
+        print(f"{f'interleaved {k}, latency us':34} {median(values):>12.0f}  "
+              f"{', '.join(f'{x:.0f}' for x in values)}")
+    targets = {"single / floor": 0.85, "single / floor, interleaved": 0.85,
+               "batch / aiokafka": 0.7,
                f"batch, {args.in_flight} in flight / aiokafka": 1.0}
     for name, values in ratios.items():
         target = f"; target >= {targets[name]}" if name in targets else ""
@@ -292,6 +404,7 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"runs": results, "floor": floor, "ratios": ratios,
                        "curve": {str(k): v for k, v in curve.items()},
+                       "interleaved_us": interleaved,
                        "in_flight": args.in_flight, "machine": machine()}, f, indent=2)
 
 
