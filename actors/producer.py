@@ -342,9 +342,11 @@ class ProducerActor:
             producer, [(r.topic, r.key, r.value, r.headers) for r in records],
             self._batching, current)
 
-    async def publish(self, request: PublishRequest) -> PublishingOutcome:
-        """Publish one message; returns once the broker acknowledged it."""
-        requests = [request]
+    async def publish(self, request: PublishRequest | list[Any]) -> PublishingOutcome:
+        """Publish one message; returns once the broker acknowledged it. ``request`` is a
+        PublishRequest or, as a handle sends it, its ``wire()`` list."""
+        requests = [PublishRequest.from_wire(request) if isinstance(request, list)
+                    else request]
         topics = self.topics(requests)
         recorder = self.telemetry.publishing(requests, topics, batch=False)
         try:

@@ -387,6 +387,8 @@ class ProducerHandle:
         window = self._windows[lane]
         if (lane, index) in self._gone:
             self._find_again(lane, index)
+        if type(payload) is PublishRequest:  # one publish: as MessagePack, not pickled
+            payload = payload.wire()
         try:
             ref = getattr(self._lanes[lane][index], method).remote(payload)
         except BaseException:

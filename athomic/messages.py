@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
-from typing import NamedTuple, Union
+from typing import Any, NamedTuple, Union
 
 from .errors import InvalidHeaderError, InvalidTopicError
 
@@ -346,6 +346,23 @@ class PublishRequest(NamedTuple):
     version: bytes | None = None
     """This publish of a caller-chosen ``message_id`` (16 bytes, fixed on the caller's
     side, so a retried call keeps it); None when athomic chose the id."""
+
+    def wire(self) -> list[Any]:
+        """This request as one ``publish`` call sends it to a ProducerActor: a list of
+        MessagePack's own types (str, bytes, numbers, None, lists), which Ray serialises
+        without pickling, where the tuple, its header tuples and the priority member go
+        through Ray's pickler (~6 against ~28 µs here, and as much again in the actor).
+        ``from_wire`` gives the request back."""
+        return [self.topic, self.value, self.key, [[k, v] for k, v in self.headers],
+                self.content_type, self.schema, self.priority.value, self.deliver_at,
+                self.message_id, self.published_at, self.version]
+
+    @classmethod
+    def from_wire(cls, row: list[Any]) -> PublishRequest:
+        (topic, value, key, headers, content_type, schema, priority, deliver_at,
+         message_id, published_at, version) = row
+        return cls(topic, value, key, [(k, v) for k, v in headers], content_type, schema,
+                   MessagePriority(priority), deliver_at, message_id, published_at, version)
 
 
 def _requests_from_rows(rows: list[tuple[object, ...]]) -> list[PublishRequest]:

@@ -137,6 +137,29 @@ def test_a_batch_of_requests_pickles_as_rows_and_arrives_whole() -> None:
     assert _hook_calls(requests) < 10
 
 
+@pytest.mark.parametrize("i", range(5))
+def test_one_request_crosses_as_messagepack_and_arrives_equal(i: int) -> None:
+    """``wire()`` holds only MessagePack's own types, so Ray sends one publish's request
+    without its pickler (it packs with ``strict_types``: a tuple or an enum member would
+    go to the pickler); ``from_wire`` gives back an equal request."""
+    import msgpack
+
+    request = PublishRequest(
+        "orders", None if i == 1 else b"v" * 1024, None if i % 2 else b"k",
+        [] if i == 0 else [("traceparent", b"00-" + b"a" * 32 + b"-" + b"b" * 16 + b"-01"),
+                           ("athomic-host", b"vm")],
+        None if i == 2 else "application/json", "m:Model" if i == 4 else None,
+        list(MessagePriority)[i % 3], 1_700_000_000.123456 if i == 3 else None,
+        new_message_id(), 1_700_000_000.5, b"\x01" * 16 if i == 3 else None)
+    data = msgpack.packb(request.wire(), use_bin_type=True, strict_types=True)
+    back = PublishRequest.from_wire(msgpack.unpackb(data, raw=False))
+    assert back == request
+    assert type(back.priority) is MessagePriority and back.priority is request.priority
+    assert all(type(h) is tuple for h in back.headers)
+    with pytest.raises(TypeError):  # the request itself is not MessagePack's
+        msgpack.packb(request, use_bin_type=True, strict_types=True)
+
+
 def test_outcomes_pickle_as_one_byte_each_and_arrive_as_a_list() -> None:
     values = [PublishingOutcome.SUCCESS_DIRECT, None, PublishingOutcome.SUCCESS_DELAYED] * 400
     data = pickle.dumps(Outcomes(values), protocol=5)

@@ -52,7 +52,9 @@ class FakeMethod:
         self.log = log
 
     def remote(self, payload: Any) -> FakeRef:
-        self.log.append(payload)
+        # one publish crosses as its MessagePack list (PublishRequest.wire)
+        self.log.append(PublishRequest.from_wire(payload) if type(payload) is list
+                        else payload)
         return FakeRef()
 
 
