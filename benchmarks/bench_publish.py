@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import time
 import uuid
@@ -401,6 +402,7 @@ def main() -> None:
         target = f"; target >= {targets[name]}" if name in targets else ""
         print(f"ratio {name:50} median {median(values):.2f} ({spread(values)}){target}")
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"runs": results, "floor": floor, "ratios": ratios,
                        "curve": {str(k): v for k, v in curve.items()},
