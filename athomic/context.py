@@ -127,20 +127,26 @@ class _ProcessLineage:
         self.job_id: str | None = None
         self.node_id: str | None = None
         self._ray_known = False
+        self._driver: tuple[str | None, str | None, None, None] | None = None
+        """A driver's facts, once known: they do not change while it is connected."""
 
     def ray_facts(self) -> tuple[str | None, str | None, str | None, str | None]:
         try:
             import ray
 
             if not ray.is_initialized():
+                self._driver = None
                 return None, None, None, None
+            if self._driver is not None:  # no runtime context to look up per message
+                return self._driver
             ctx = ray.get_runtime_context()
             if not self._ray_known:
                 self.job_id = ctx.get_job_id()
                 self.node_id = ctx.get_node_id()
                 self._ray_known = True
             if ctx.worker.mode != ray.WORKER_MODE:  # a driver has no task or actor id
-                return self.job_id, self.node_id, None, None
+                self._driver = (self.job_id, self.node_id, None, None)
+                return self._driver
             return self.job_id, self.node_id, ctx.get_task_id(), ctx.get_actor_id()
         except Exception:  # lineage is best effort; it must never fail a publish
             return None, None, None, None
@@ -153,7 +159,9 @@ def capture(service_name: str | None, lineage: bool = True) -> MessageHeaders:
     """Headers describing the current caller: trace context, baggage, context variables and
     (when ``lineage``) where the message comes from."""
     headers = MessageHeaders()
-    propagate.inject(headers, setter=HEADERS_SETTER)
+    current = otel_context.get_current()
+    if current:  # an empty context (no span, no baggage) gives a propagator nothing
+        propagate.inject(headers, context=current, setter=HEADERS_SETTER)
     for name, var in _context_vars.items():
         value = var.get()
         if value is not None:

@@ -268,6 +268,20 @@ class MessageHeaders:
 _uuid_lock = threading.Lock()
 _uuid_last_ms = 0
 _uuid_seq = 0
+_POOL_SIZE = 4096
+_uuid_pool = b""
+"""Random bytes from ``os.urandom``, taken 10 per id by the calls of a few ids: one
+system call per ~400 single publishes instead of two per publish."""
+_uuid_pool_at = 0
+
+
+def _forget_pool() -> None:
+    """A forked child must not hand out the random bytes its parent also holds."""
+    global _uuid_pool, _uuid_pool_at
+    _uuid_pool, _uuid_pool_at = b"", 0
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def new_message_id() -> str:
@@ -277,27 +291,38 @@ def new_message_id() -> str:
 
 
 def new_message_ids(count: int) -> list[str]:
-    """``count`` UUIDv7 strings in increasing order (one lock and one urandom call)."""
-    global _uuid_last_ms, _uuid_seq
+    """``count`` UUIDv7 strings in increasing order (one lock; random bytes from a pool
+    refilled by ``os.urandom``, or one ``os.urandom`` call for a large count)."""
+    global _uuid_last_ms, _uuid_seq, _uuid_pool, _uuid_pool_at
+    need = 10 * count  # per id: 2 bytes to seed a millisecond's counter, 8 for the tail
     stamps = []
     with _uuid_lock:
+        if need > _POOL_SIZE // 4:
+            rand = os.urandom(need)
+            at = 0
+        else:
+            if _uuid_pool_at + need > len(_uuid_pool):
+                _uuid_pool, _uuid_pool_at = os.urandom(_POOL_SIZE), 0
+            rand, at = _uuid_pool, _uuid_pool_at
+            _uuid_pool_at += need
         ms = time.time_ns() // 1_000_000
-        for _ in range(count):
+        for i in range(count):
             if ms > _uuid_last_ms:
                 _uuid_last_ms = ms
-                _uuid_seq = int.from_bytes(os.urandom(2), "big") & 0x7FF
+                _uuid_seq = int.from_bytes(rand[at + 10 * i:at + 10 * i + 2], "big") & 0x7FF
             else:
                 _uuid_seq += 1
                 if _uuid_seq > 0xFFF:  # counter exhausted: borrow the next millisecond
                     _uuid_last_ms += 1
                     _uuid_seq = 0
             stamps.append((_uuid_last_ms << 16) | 0x7000 | _uuid_seq)
-    rand = bytearray(os.urandom(8 * count))
-    rand[::8] = bytes((b & 0x3F) | 0x80 for b in rand[::8])  # the RFC 9562 variant bits
     out = []
     for i, stamp in enumerate(stamps):
-        h = (stamp.to_bytes(8, "big") + rand[8 * i:8 * i + 8]).hex()
-        out.append(f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}")
+        j = at + 10 * i + 2
+        # the RFC 9562 variant bits (10) over the top of the 64-bit tail
+        tail = int.from_bytes(rand[j:j + 8], "big") & 0x3FFFFFFFFFFFFFFF | 0x8000000000000000
+        out.append(f"{stamp >> 32:08x}-{(stamp >> 16) & 0xFFFF:04x}-{stamp & 0xFFFF:04x}-"
+                   f"{tail >> 48:04x}-{tail & 0xFFFFFFFFFFFF:012x}")
     return out
 
 

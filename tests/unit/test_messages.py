@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import time
 import uuid
@@ -21,6 +22,7 @@ from athomic.messages import (
     PublishRequests,
     message_id_time,
     new_message_id,
+    new_message_ids,
     validate_topic,
 )
 
@@ -64,6 +66,34 @@ def test_message_ids_are_uuid7_and_monotonic() -> None:
     u = uuid.UUID(ids[0])
     assert u.version == 7 and u.variant == uuid.RFC_4122
     assert abs(message_id_time(ids[-1]) - time.time()) < 5
+
+
+def test_single_and_batch_ids_interleave_in_order() -> None:
+    """Single ids take their random bytes from a pool, large batches from one urandom
+    call; both share the millisecond counter, so the ids stay in order and distinct."""
+    ids = [new_message_id() for _ in range(500)] + new_message_ids(3000) + \
+        new_message_ids(20) + [new_message_id() for _ in range(900)]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    for value in ids:
+        u = uuid.UUID(value)
+        assert u.version == 7 and u.variant == uuid.RFC_4122 and str(u) == value
+    assert len({value[19:] for value in ids}) == len(ids)  # the random tails differ too
+
+
+def test_a_forked_child_does_not_reuse_the_parents_random_bytes() -> None:
+    new_message_id()  # the pool holds random bytes now
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: ten ids, then out
+        os.write(write, ",".join(new_message_id() for _ in range(10)).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 10_000).decode().split(",")
+    os.close(read)
+    parent = [new_message_id() for _ in range(10)]
+    assert len(child) == 10
+    assert not {c[19:] for c in child} & {p[19:] for p in parent}
 
 
 @pytest.mark.parametrize("name", ["a", "user.events.v1", "A_b-9", "x" * 249])

@@ -83,6 +83,21 @@ def trace_id_of(traceparent: bytes | None) -> str:
     return traceparent.decode().split("-")[1]
 
 
+def test_capture_injects_whatever_the_current_context_holds() -> None:
+    """Nothing current: no propagation headers (the propagators are not asked); baggage
+    alone: the baggage, and no traceparent."""
+    assert not otel_context.get_current()
+    empty = capture("svc")
+    assert "traceparent" not in empty and "baggage" not in empty
+    assert empty["athomic-producer"] == b"svc"
+    token = otel_context.attach(baggage.set_baggage("k", "v"))
+    try:
+        only = capture("svc")
+    finally:
+        otel_context.detach(token)
+    assert only["baggage"] == b"k=v" and "traceparent" not in only
+
+
 def test_capture_takes_span_baggage_and_context_vars(tracer: trace.Tracer) -> None:
     with tracer.start_as_current_span("caller") as span:
         token = otel_context.attach(baggage.set_baggage("tenant.tier", "gold"))
