@@ -286,11 +286,10 @@ class ProducerActor:
             else:
                 sent = await self._send_each(producer, records, current)
                 futures = futures_of(sent)
-        await self._await_acks(futures, start, timeout)
-        late = None if all(f.done() for f in futures.values()) else asyncio.TimeoutError(
+        acknowledged = await self._await_acks(futures, start, timeout)
+        results = acked_all(sent, None if acknowledged else asyncio.TimeoutError(
             f"not acknowledged within delivery_timeout_ms="
-            f"{self.settings.producer.delivery_timeout_ms}")
-        results = acked_all(sent, late)
+            f"{self.settings.producer.delivery_timeout_ms}"))
         # A delayed message with a caller-chosen id: every republisher learns which
         # publish of the id is the one to deliver (a later one replaces it).
         scheduled = [i for i, (request, result) in enumerate(zip(requests, results,
@@ -312,13 +311,16 @@ class ProducerActor:
 
     @staticmethod
     async def _await_acks(futures: dict[int, asyncio.Future[Any]], start: float,
-                          timeout: float) -> None:
+                          timeout: float) -> bool:
+        """Wait for the futures until the delivery timeout; whether all are done."""
         waiting = [f for f in futures.values() if not f.done()]
-        if waiting:
-            # never cancelled: a record still pending at the deadline stays with the
-            # producer, which may yet deliver it; only our wait ends.
-            remaining = timeout - (asyncio.get_running_loop().time() - start)
-            await wait_quietly(waiting, max(remaining, 0.001))
+        if not waiting:
+            return True
+        # never cancelled: a record still pending at the deadline stays with the
+        # producer, which may yet deliver it; only our wait ends.
+        remaining = timeout - (asyncio.get_running_loop().time() - start)
+        await wait_quietly(waiting, max(remaining, 0.001))
+        return all(f.done() for f in waiting)
 
     @staticmethod
     async def _send_each(producer: KafkaProducer, records: Sequence[OutgoingRecord],

@@ -124,30 +124,26 @@ class _ProcessLineage:
 
     def __init__(self) -> None:
         self.host = socket.gethostname()
-        self.job_id: str | None = None
-        self.node_id: str | None = None
-        self._ray_known = False
-        self._driver: tuple[str | None, str | None, None, None] | None = None
-        """A driver's facts, once known: they do not change while it is connected."""
+        self._ids: tuple[str | None, str | None] | None = None
+        """The job and node ids, looked up at the first message."""
+        self._driver = False
+        """A driver has no task or actor id, so it needs no runtime context per message."""
 
     def ray_facts(self) -> tuple[str | None, str | None, str | None, str | None]:
         try:
             import ray
 
             if not ray.is_initialized():
-                self._driver = None
                 return None, None, None, None
-            if self._driver is not None:  # no runtime context to look up per message
-                return self._driver
+            if self._ids is None:
+                ctx = ray.get_runtime_context()
+                self._ids = (ctx.get_job_id(), ctx.get_node_id())
+                self._driver = ctx.worker.mode != ray.WORKER_MODE
+            job_id, node_id = self._ids
+            if self._driver:
+                return job_id, node_id, None, None
             ctx = ray.get_runtime_context()
-            if not self._ray_known:
-                self.job_id = ctx.get_job_id()
-                self.node_id = ctx.get_node_id()
-                self._ray_known = True
-            if ctx.worker.mode != ray.WORKER_MODE:  # a driver has no task or actor id
-                self._driver = (self.job_id, self.node_id, None, None)
-                return self._driver
-            return self.job_id, self.node_id, ctx.get_task_id(), ctx.get_actor_id()
+            return job_id, node_id, ctx.get_task_id(), ctx.get_actor_id()
         except Exception:  # lineage is best effort; it must never fail a publish
             return None, None, None, None
 

@@ -55,6 +55,16 @@ def event(i: int) -> dict[str, Any]:
     return doc
 
 
+async def plain_producer(bootstrap: str, max_batch_size: int = 16384) -> AIOKafkaProducer:
+    """A started plain aiokafka producer with athomic's guarantees (acks=all, idempotent,
+    no linger): the baselines' and the minimal actor's."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
+                                enable_idempotence=True, linger_ms=0,
+                                max_batch_size=max_batch_size)
+    await producer.start()
+    return producer
+
+
 @ray.remote(num_cpus=0)
 class NoOp:
     async def publish(self, request: Any) -> str:
@@ -73,10 +83,7 @@ class MinimalActor:
         self.producer: AIOKafkaProducer | None = None
 
     async def start(self) -> None:
-        self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all",
-                                         enable_idempotence=True, linger_ms=0,
-                                         max_batch_size=256 * 1024)
-        await self.producer.start()
+        self.producer = await plain_producer(self.bootstrap, 256 * 1024)
 
     async def publish(self, topic: str, key: bytes, value: bytes) -> str:
         assert self.producer is not None
@@ -103,19 +110,14 @@ class MinimalActor:
             await self.producer.stop()
 
 
-def minimal_single(actor: Any, topic: str, n: int) -> float:
+def minimal_single(actor: Any, topic: str, n: int, outcome: bool = False) -> float:
+    """One at a time through the minimal actor; ``outcome``: its ``publish_outcome``."""
+    method, expected = ((actor.publish_outcome, PublishingOutcome.SUCCESS_DIRECT) if outcome
+                        else (actor.publish, "ok"))
     start = time.perf_counter()
     for i in range(n):
-        assert ray.get(actor.publish.remote(topic, f"k{i}".encode(),
-                                            orjson.dumps(event(i)))) == "ok"
-    return n / (time.perf_counter() - start)
-
-
-def minimal_single_outcome(actor: Any, topic: str, n: int) -> float:
-    start = time.perf_counter()
-    for i in range(n):
-        assert ray.get(actor.publish_outcome.remote(
-            topic, f"k{i}".encode(), orjson.dumps(event(i)))) is PublishingOutcome.SUCCESS_DIRECT
+        result = ray.get(method.remote(topic, f"k{i}".encode(), orjson.dumps(event(i))))
+        assert result == expected and type(result) is type(expected)
     return n / (time.perf_counter() - start)
 
 
@@ -127,14 +129,7 @@ def interleaved_single(bootstrap: str, handle: Any, noop: Any, minimal: Any, top
     variant after another, minutes apart at most, and the machine's speed drifts between
     them."""
     loop = asyncio.new_event_loop()
-
-    async def start() -> AIOKafkaProducer:
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
-                                    enable_idempotence=True, linger_ms=0)
-        await producer.start()
-        return producer
-
-    producer = loop.run_until_complete(start())
+    producer = loop.run_until_complete(plain_producer(bootstrap))
     msgs = [event(i) for i in range(n)]
 
     def raw(i: int) -> None:
@@ -186,9 +181,7 @@ def minimal_batches(actor: Any, topic: str, batches: int, size: int, in_flight: 
 
 
 async def aiokafka_single(bootstrap: str, topic: str, n: int) -> float:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
-                                enable_idempotence=True, linger_ms=0)
-    await producer.start()
+    producer = await plain_producer(bootstrap)
     try:
         await producer.send_and_wait(topic, b"warm")
         payloads = [orjson.dumps(event(i)) for i in range(n)]
@@ -201,10 +194,7 @@ async def aiokafka_single(bootstrap: str, topic: str, n: int) -> float:
 
 
 async def aiokafka_batches(bootstrap: str, topic: str, batches: int, size: int) -> float:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
-                                enable_idempotence=True, linger_ms=0,
-                                max_batch_size=256 * 1024)
-    await producer.start()
+    producer = await plain_producer(bootstrap, 256 * 1024)
     try:
         await producer.send_and_wait(topic, b"warm")
         start = time.perf_counter()
@@ -223,10 +213,7 @@ async def aiokafka_record_batches(bootstrap: str, topic: str, batches: int, size
                                   ) -> float:
     """The fastest way aiokafka has: serialise, then one record batch (``create_batch`` /
     ``send_batch``, up to 256 KiB) per partition, partitioned by key as ``send`` would."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
-                                enable_idempotence=True, linger_ms=0,
-                                max_batch_size=256 * 1024)
-    await producer.start()
+    producer = await plain_producer(bootstrap, 256 * 1024)
     try:
         await producer.send_and_wait(topic, b"warm")
         count = len(await producer.partitions_for(topic))
@@ -313,8 +300,8 @@ def main() -> None:
             results["minimal_actor_single"].append(minimal_single(
                 minimal, topic + ".min1", args.single))
 
-            results["minimal_actor_single_outcome"].append(minimal_single_outcome(
-                minimal, topic + ".mino", args.single))
+            results["minimal_actor_single_outcome"].append(minimal_single(
+                minimal, topic + ".mino", args.single, outcome=True))
 
             msgs = [event(i) for i in range(args.single)]
             start = time.perf_counter()
