@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import functools
+import itertools
 import math
 import random
 import threading
@@ -81,22 +84,53 @@ class RemoteMethod(Generic[T]):
         return call()
 
 
+_SWEEP_FROM = 32
+"""Calls a lane keeps on record before it asks Ray which of them finished; after that,
+twice as many as were still running (so a lane with many calls in flight asks in
+proportion)."""
+
+_DEAD = 4
+"""``ActorTableData.DEAD``: the state Ray's core worker holds for an actor that is gone
+for good (killed, or replaced by ``athomic up``)."""
+
+
+def _finished(refs: list[Any]) -> list[Any]:
+    """Those of ``refs`` that completed, however they ended: asked of Ray's core worker,
+    without fetching or deserialising a value."""
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+    return list(ready)
+
+
 class Window:
     """The in-flight window of one lane: unacknowledged messages per actor and in all.
 
     ``take`` reserves room (waiting while the lane is full, at most ``timeout_s``) and
-    picks the less loaded of two random actors (power of two choices); ``give`` returns
-    room from any thread (Ray completes calls on its own threads) and wakes waiters, both
-    threads and event loops.
+    picks the less loaded of two random actors (power of two choices); ``sent`` records
+    the call that holds it. Room comes back lazily: the calls on record are asked about
+    together (``finished``: one ``ray.wait`` that fetches nothing) once enough have piled
+    up, or when the lane looks full. Only a caller that must wait for room puts a
+    completion callback on the calls still running (``arm``), which gives their room back
+    from Ray's thread and wakes it, threads and event loops alike. A callback on every
+    call would have Ray deserialise each result a second time, on its own thread, just as
+    the caller wakes for it (BENCHMARKS.md, *Publishing*).
     """
 
-    def __init__(self, actors: int, limit: int, timeout_s: float) -> None:
+    def __init__(self, actors: int, limit: int, timeout_s: float,
+                 finished: Callable[[list[Any]], list[Any]] = _finished) -> None:
         self.loads = [0] * actors
         self.total = 0
         self.limit = limit
         self.timeout_s = timeout_s
+        self.finished = finished
         self._cond = threading.Condition()
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._calls: dict[int, tuple[Any, int, int]] = {}
+        """Calls holding room, by token: (ObjectRef, actor index, messages)."""
+        self._unarmed: set[int] = set()
+        """Tokens of the calls without a completion callback."""
+        self._tokens = itertools.count()
+        self._sweep_at = _SWEEP_FROM
+        self._waiting = 0
 
     def _try_take(self, count: int) -> int | None:
         # A batch larger than the whole window still goes once the lane is idle.
@@ -119,15 +153,28 @@ class Window:
 
     def take(self, count: int, lane: str) -> int:
         deadline = time.monotonic() + self.timeout_s
-        with self._cond:
-            while True:
+        while True:
+            with self._cond:
                 index = self._try_take(count)
                 if index is not None:
                     return index
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise self._timeout(lane)
-                self._cond.wait(left)
+            if self._sweep():
+                continue
+            with self._cond:
+                index = self._try_take(count)
+                if index is not None:
+                    return index
+                if not self._unarmed:  # every call holding room wakes this wait
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise self._timeout(lane)
+                    self._waiting += 1
+                    try:
+                        self._cond.wait(left)
+                    finally:
+                        self._waiting -= 1
+                    continue
+            self.arm()
 
     async def take_async(self, count: int, lane: str,
                          loop: asyncio.AbstractEventLoop) -> int:
@@ -137,8 +184,20 @@ class Window:
                 index = self._try_take(count)
                 if index is not None:
                     return index
-                waiter: asyncio.Future[None] = loop.create_future()
-                self._async_waiters.append((loop, waiter))
+            if self._sweep():
+                continue
+            with self._cond:
+                index = self._try_take(count)
+                if index is not None:
+                    return index
+                if self._unarmed:
+                    waiter = None
+                else:  # every call holding room wakes this wait
+                    waiter = loop.create_future()
+                    self._async_waiters.append((loop, waiter))
+            if waiter is None:
+                self.arm()
+                continue
             left = deadline - time.monotonic()
             try:
                 if left <= 0:
@@ -152,10 +211,71 @@ class Window:
                     if (loop, waiter) in self._async_waiters:
                         self._async_waiters.remove((loop, waiter))
 
+    def sent(self, ref: Any, index: int, count: int) -> None:
+        """Record the call ``ref`` that holds ``count`` of actor ``index``'s room."""
+        with self._cond:
+            token = next(self._tokens)
+            self._calls[token] = (ref, index, count)
+            self._unarmed.add(token)
+            waited_on = self._waiting or self._async_waiters
+            sweep = len(self._calls) >= self._sweep_at
+        if waited_on:  # a caller waits for room: this call must wake it too
+            self.arm()
+        elif sweep:
+            self._sweep()
+
+    def arm(self) -> None:
+        """Put a completion callback on every call on record without one."""
+        with self._cond:
+            tokens, self._unarmed = self._unarmed, set()
+            refs = [self._calls[token][0] for token in tokens]
+        for token, ref in zip(tokens, refs, strict=True):
+            _when_done(ref, functools.partial(self._release, token))
+
+    def _sweep(self) -> bool:
+        """Give back the room of the calls without a callback that have finished; whether
+        there were any."""
+        with self._cond:
+            tokens = list(self._unarmed)
+            refs = [self._calls[token][0] for token in tokens]
+        if not refs:
+            return False
+        done = set(self.finished(refs))
+        given = False
+        with self._cond:
+            for token, ref in zip(tokens, refs, strict=True):
+                if ref in done:
+                    given = self._release_locked(token) or given
+            self._sweep_at = max(_SWEEP_FROM, 2 * len(self._calls))
+        if given:
+            self._wake_waiters()
+        return given
+
+    def _release(self, token: int, _result: Any = None) -> None:
+        with self._cond:
+            released = self._release_locked(token)
+        if released:
+            self._wake_waiters()
+
+    def _release_locked(self, token: int) -> bool:
+        entry = self._calls.pop(token, None)
+        if entry is None:  # given back already (by a sweep, or its callback)
+            return False
+        self._unarmed.discard(token)
+        _, index, count = entry
+        self.loads[index] -= count
+        self.total -= count
+        return True
+
     def give(self, index: int, count: int) -> None:
+        """Give back room that no call holds (the call could not be made)."""
         with self._cond:
             self.loads[index] -= count
             self.total -= count
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
+        with self._cond:
             self._cond.notify_all()
             waiters, self._async_waiters = self._async_waiters, []
         for loop, waiter in waiters:
@@ -244,7 +364,6 @@ class ProducerHandle:
         self._setup()
 
     def _setup(self) -> None:
-        self._gone: set[tuple[str, int]] = set()
         self._reserved = self.settings.reserved_topics()
         self._buckets = sorted(self.settings.delay_topics)
         lanes = self.settings.lanes
@@ -385,31 +504,26 @@ class ProducerHandle:
 
     def _send(self, lane: str, index: int, method: str, payload: Any, count: int) -> Any:
         window = self._windows[lane]
-        if (lane, index) in self._gone:
-            self._find_again(lane, index)
+        actor = self._lanes[lane][index]
+        if actor._get_local_state() == _DEAD:
+            # Replaced (athomic up) or removed: find the actor by name again.
+            actor = self._find_again(lane, index)
         if type(payload) is PublishRequest:  # one publish: as MessagePack, not pickled
             payload = payload.wire()
         try:
-            ref = getattr(self._lanes[lane][index], method).remote(payload)
+            ref = getattr(actor, method).remote(payload)
         except BaseException:
             window.give(index, count)
             raise
-        _when_done(ref, lambda result: self._done(lane, index, count, result))
+        window.sent(ref, index, count)
         return ref
 
-    def _done(self, lane: str, index: int, count: int, result: Any) -> None:
-        self._windows[lane].give(index, count)
-        if isinstance(result, ray.exceptions.RayActorError):
-            # Replaced (athomic up) or removed: the next call finds the actor by name again.
-            self._gone.add((lane, index))
-
-    def _find_again(self, lane: str, index: int) -> None:
+    def _find_again(self, lane: str, index: int) -> Any:
         name = producer_actor_name(self.settings.connection_name, lane, index)
-        try:
+        # not there (yet): the call goes to the old handle and fails as it did
+        with contextlib.suppress(ValueError):
             self._lanes[lane][index] = ray.get_actor(name, namespace=NAMESPACE)
-        except ValueError:
-            return  # not there (yet): the call goes to the old handle and fails as it did
-        self._gone.discard((lane, index))
+        return self._lanes[lane][index]
 
     def _publish(self, loop: asyncio.AbstractEventLoop | None, message: Any = None,
                  topic: Any = None, key: Any = None, headers: Any = None,

@@ -89,6 +89,9 @@ def micro(messages: int, runs: int) -> dict[str, float]:
         def future(self) -> Future[Any]:
             return Future()
 
+        def _get_local_state(self) -> None:
+            return None
+
     lane = Lane()
     settings = MessagingSettings()
     handle = ProducerHandle(settings, {"high": [lane], "normal": [lane]})

@@ -361,9 +361,9 @@ async def test_a_handle_finds_its_lane_again_after_the_actor_was_replaced(
         settings_factory: Any, kafka_bootstrap: str, topic: str) -> None:
     """athomic up replaces a producer under the same name: a handle held by a driver fails
     the calls made before it learnt of the replacement, with Ray's typed error (it learns
-    when a failed call completes, on Ray's callback thread: the calls right after may
-    still go to the old actor, how many depends on the machine's load), then finds the
-    new actor by name and stays on it."""
+    from the actor state Ray's core worker keeps, which the GCS updates shortly after the
+    kill: how many calls go to the old actor first depends on the machine's load), then
+    finds the new actor by name and stays on it."""
     from athomic.actors.topology import NAMESPACE, producer_actor_name
 
     settings = settings_factory()

@@ -59,6 +59,15 @@ class FakeActor:
         self.calls: list[Any] = []
         self.publish = FakeMethod(self.calls, wire=True)
         self.publish_batch = FakeMethod(self.calls)
+        self.state: int | None = 2  # Ray's ActorTableData: ALIVE
+
+    def _get_local_state(self) -> int | None:
+        return self.state
+
+
+def finished(refs: list[FakeRef]) -> list[FakeRef]:
+    """What ``ray.wait`` answers the window: the calls that completed."""
+    return [ref for ref in refs if ref.fut.done()]
 
 
 def make(**settings: Any) -> tuple[ProducerHandle, dict[str, list[FakeActor]]]:
@@ -67,7 +76,10 @@ def make(**settings: Any) -> tuple[ProducerHandle, dict[str, list[FakeActor]]]:
              "normal": [FakeActor() for _ in range(s.lanes.normal)]}
     if s.lanes.low:
         lanes["low"] = [FakeActor() for _ in range(s.lanes.low)]
-    return ProducerHandle(s, lanes), lanes
+    handle = ProducerHandle(s, lanes)
+    for window in handle._windows.values():
+        window.finished = finished
+    return handle, lanes
 
 
 def test_request_is_built_on_the_caller_side() -> None:
@@ -178,6 +190,72 @@ def test_in_flight_window_blocks_and_releases() -> None:
     lanes["normal"][0].calls[0][1].fut.set_result("ok")
     assert done.wait(2)
     assert handle._windows["normal"].total == 3
+
+
+def test_room_comes_back_by_asking_ray_not_by_a_callback_per_call() -> None:
+    handle, lanes = make(lanes={"max_in_flight": 1000, "normal": 1})
+    window = handle._windows["normal"]
+    asked: list[int] = []
+
+    def count_asks(refs: list[FakeRef]) -> list[FakeRef]:
+        asked.append(len(refs))
+        return finished(refs)
+
+    window.finished = count_asks
+    for i in range(100):  # one at a time, as ray.get(handle.publish.remote(...)) does
+        handle.publish.remote(topic="t", message=i)
+        lanes["normal"][0].calls[-1][1].fut.set_result("ok")
+    # no completion callback on any call: the window asked which had finished
+    assert not any(ref.fut._done_callbacks for _, ref in lanes["normal"][0].calls)
+    # every 31 calls, about the 32 on record: all but the one just made had finished
+    assert asked == [32, 32, 32]
+    assert window.total == 100 - 3 * 31
+
+
+def test_a_call_made_while_another_caller_waits_for_room_wakes_it() -> None:
+    handle, lanes = make(lanes={"max_in_flight": 3, "normal": 1})
+    window = handle._windows["normal"]
+    handle.publish.remote(topic="t", message=0)
+    done = threading.Event()
+
+    def whole_lane() -> None:  # three messages: waits until the lane is empty
+        handle.publish_batch.remote([{"message": i} for i in range(3)], topic="t")
+        done.set()
+
+    threading.Thread(target=whole_lane, daemon=True).start()
+    while not window._waiting:
+        time.sleep(0.01)
+    handle.publish.remote(topic="t", message=1)  # fits beside the first
+    calls = lanes["normal"][0].calls
+    assert len(calls) == 2 and not done.is_set()
+    # sent while a caller waits: it carries a callback at once (had the first finished
+    # before the waiting caller saw this call, nothing else would wake it)
+    assert calls[1][1].fut._done_callbacks
+    calls[0][1].fut.set_result("ok")
+    assert not done.wait(0.2)  # the second still holds room
+    calls[1][1].fut.set_result("ok")  # its callback wakes the waiting caller
+    assert done.wait(2)
+    assert len(calls) == 3 and window.total == 3
+
+
+def test_a_replaced_actor_is_found_again_by_name_before_the_call(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    handle, lanes = make(lanes={"normal": 1})
+    old, new = lanes["normal"][0], FakeActor()
+    looked_up: list[str] = []
+
+    def get_actor(name: str, namespace: str) -> FakeActor:
+        looked_up.append(name)
+        return new
+
+    monkeypatch.setattr("athomic._handle.ray.get_actor", get_actor)
+    handle.publish.remote(topic="t", message=0)
+    old.state = 4  # Ray's ActorTableData: DEAD (athomic up killed it)
+    handle.publish.remote(topic="t", message=1)
+    handle.publish.remote(topic="t", message=2)
+    assert [r.value for r, _ in old.calls] == [b"0"]
+    assert [r.value for r, _ in new.calls] == [b"1", b"2"]
+    assert looked_up == ["default.producer.normal.0"]
 
 
 def test_full_lane_times_out_with_a_typed_error_and_sends_nothing() -> None:

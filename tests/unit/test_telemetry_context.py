@@ -64,6 +64,9 @@ class FakeActor:
         self.publish = FakeMethod(self.calls)
         self.publish_batch = FakeMethod(self.calls)
 
+    def _get_local_state(self) -> None:
+        return None  # not known: as for an actor not called yet
+
 
 def handle(**settings: Any) -> tuple[ProducerHandle, FakeActor]:
     actor = FakeActor()
