@@ -25,7 +25,7 @@ from .actors.topology import (
     producer_actor_name,
     teardown,
 )
-from .context import capture, drop_invalid_traceparent
+from .context import captured, drop_invalid_traceparent
 from .envelope import MAX_HOPS
 from .errors import (
     AthomicError,
@@ -372,6 +372,7 @@ class ProducerHandle:
                          for lane, actors in self._lanes.items()}
         self._pipeline = Pipeline.from_settings(self.settings, byte_stages=False)
         self._valid_topics: set[str] = set()
+        self._lineage = self.settings.lineage.enabled
         self._service = (self.settings.lineage.service_name
                          if self.settings.lineage.enabled else None)
         self.publish: RemoteMethod[PublishingOutcome] = RemoteMethod(self._publish)
@@ -394,8 +395,7 @@ class ProducerHandle:
     def _captured(self) -> tuple[list[tuple[str, bytes]], int]:
         """The caller's context as header pairs, and their size in bytes. Taken once per
         ``publish`` or per ``publish_batch`` call: a batch shares one list."""
-        pairs = capture(self._service, self.settings.lineage.enabled).items()
-        return pairs, sum(len(k) + len(v) for k, v in pairs)
+        return captured(self._service, self._lineage)
 
     def _check_topic(self, topic: Any) -> None:
         if topic is None:

@@ -128,6 +128,36 @@ class _ProcessLineage:
         """The job and node ids, looked up at the first message."""
         self._driver = False
         """A driver has no task or actor id, so it needs no runtime context per message."""
+        self._constant: dict[tuple[str | None, str | None, str | None],
+                             tuple[list[tuple[str, bytes]], int]] = {}
+        """The lineage headers of a driver (or a process without Ray), by service name and
+        ids."""
+
+    def pairs(self, service_name: str | None) -> tuple[list[tuple[str, bytes]], int]:
+        """The lineage headers of a message published now, and their size in bytes; built
+        once where they do not change (a driver, or a process without Ray)."""
+        job_id, node_id, task_id, actor_id = self.ray_facts()
+        if task_id is not None or actor_id is not None:  # a task or an actor method
+            return self._build(service_name, job_id, node_id, task_id, actor_id)
+        key = (service_name, job_id, node_id)
+        built = self._constant.get(key)
+        if built is None:
+            built = self._constant[key] = self._build(service_name, job_id, node_id, None,
+                                                      None)
+        return built
+
+    def _build(self, service_name: str | None, *facts: str | None
+               ) -> tuple[list[tuple[str, bytes]], int]:
+        headers = MessageHeaders()
+        if service_name:
+            headers.add(H_PRODUCER, service_name)
+        headers.add(H_HOST, self.host)
+        for key, fact in zip((H_RAY_JOB_ID, H_RAY_NODE_ID, H_RAY_TASK_ID, H_RAY_ACTOR_ID),
+                             facts, strict=True):
+            if fact:
+                headers.add(key, fact)
+        pairs = headers.items()
+        return pairs, sum(len(k) + len(v) for k, v in pairs)
 
     def ray_facts(self) -> tuple[str | None, str | None, str | None, str | None]:
         try:
@@ -154,24 +184,32 @@ _lineage = _ProcessLineage()
 def capture(service_name: str | None, lineage: bool = True) -> MessageHeaders:
     """Headers describing the current caller: trace context, baggage, context variables and
     (when ``lineage``) where the message comes from."""
-    headers = MessageHeaders()
+    return MessageHeaders(captured(service_name, lineage)[0])
+
+
+def captured(service_name: str | None, lineage: bool = True
+             ) -> tuple[list[tuple[str, bytes]], int]:
+    """``capture`` as header pairs, and the bytes of their keys and values.
+
+    While the caller has no trace context, baggage or context variable set, a driver's
+    headers are its lineage alone, which does not change: the same list is returned each
+    time (so it must never be changed in place, as a batch's shared list)."""
+    dynamic: MessageHeaders | None = None
     current = otel_context.get_current()
     if current:  # an empty context (no span, no baggage) gives a propagator nothing
-        propagate.inject(headers, context=current, setter=HEADERS_SETTER)
+        dynamic = MessageHeaders()
+        propagate.inject(dynamic, context=current, setter=HEADERS_SETTER)
     for name, var in _context_vars.items():
         value = var.get()
         if value is not None:
-            headers.add(context_header(name), str(value))
-    if lineage:
-        if service_name:
-            headers.add(H_PRODUCER, service_name)
-        job_id, node_id, task_id, actor_id = _lineage.ray_facts()
-        headers.add(H_HOST, _lineage.host)
-        for key, fact in ((H_RAY_JOB_ID, job_id), (H_RAY_NODE_ID, node_id),
-                          (H_RAY_TASK_ID, task_id), (H_RAY_ACTOR_ID, actor_id)):
-            if fact:
-                headers.add(key, fact)
-    return headers
+            if dynamic is None:
+                dynamic = MessageHeaders()
+            dynamic.add(context_header(name), str(value))
+    own, own_size = _lineage.pairs(service_name) if lineage else ([], 0)
+    if not dynamic:
+        return own, own_size
+    pairs = dynamic.items()
+    return pairs + own, sum(len(k) + len(v) for k, v in pairs) + own_size
 
 
 # --- consumer side -------------------------------------------------------------------------

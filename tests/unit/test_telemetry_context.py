@@ -26,7 +26,7 @@ from athomic import (
 )
 from athomic import context as ctx_mod
 from athomic._handle import ProducerHandle
-from athomic.context import capture, correlation_id, request_id, tenant_id, user_id
+from athomic.context import capture, captured, correlation_id, request_id, tenant_id, user_id
 from athomic.messages import PublishRequest
 from athomic.pipeline import Encoded
 from athomic.strategies import DirectPublishStrategy, final_headers
@@ -99,6 +99,33 @@ def test_capture_injects_whatever_the_current_context_holds() -> None:
     finally:
         otel_context.detach(token)
     assert only["baggage"] == b"k=v" and "traceparent" not in only
+
+
+def test_a_drivers_lineage_headers_are_built_once_and_never_changed() -> None:
+    """Nothing set in the caller: the same list each time (its lineage alone); a context
+    variable: a new list, the variable first, the lineage after, sizes counted."""
+    first, size = captured("svc")
+    again, _ = captured("svc")
+    assert again is first
+    assert dict(first)["athomic-producer"] == b"svc"
+    assert size == sum(len(k) + len(v) for k, v in first)
+    kept = list(first)
+    token = request_id.set("req-9")
+    try:
+        with_var, var_size = captured("svc")
+    finally:
+        request_id.reset(token)
+    assert with_var[0] == ("athomic-ctx-request-id", b"req-9") and with_var[1:] == kept
+    assert var_size == sum(len(k) + len(v) for k, v in with_var)
+    assert captured("other")[0] is not first  # built per service name
+    assert captured("svc", lineage=False) == ([], 0)
+    # publishing, with headers of the caller's or without, leaves the shared list as it was
+    h, actor = handle(lineage={"service_name": "svc"})
+    h.publish.remote(topic="t", message=1)
+    h.publish.remote(topic="t", message=2, headers={"athomic-host": "mine", "x": "1"})
+    h.publish_batch.remote([{"message": 3}], topic="t")
+    assert actor.calls[0].headers == first
+    assert first == kept and captured("svc")[0] is first
 
 
 def test_capture_takes_span_baggage_and_context_vars(tracer: trace.Tracer) -> None:
