@@ -94,6 +94,14 @@ _DEAD = 4
 for good (killed, or replaced by ``athomic up``)."""
 
 
+def _is_dead(actor: Any) -> bool:
+    """Whether Ray's core worker holds ``actor`` as gone for good (it learns from the GCS
+    shortly after a kill). ``ActorHandle._get_local_state`` is Ray's own, there since Ray
+    2.0; a handle without it is never taken for dead."""
+    local_state = getattr(actor, "_get_local_state", None)
+    return local_state is not None and local_state() == _DEAD
+
+
 def _finished(refs: list[Any]) -> list[Any]:
     """Those of ``refs`` that completed, however they ended: asked of Ray's core worker,
     without fetching or deserialising a value."""
@@ -505,8 +513,7 @@ class ProducerHandle:
     def _send(self, lane: str, index: int, method: str, payload: Any, count: int) -> Any:
         window = self._windows[lane]
         actor = self._lanes[lane][index]
-        if actor._get_local_state() == _DEAD:
-            # Replaced (athomic up) or removed: find the actor by name again.
+        if _is_dead(actor):  # replaced (athomic up) or removed: find it by name again
             actor = self._find_again(lane, index)
         if type(payload) is PublishRequest:  # one publish: as MessagePack, not pickled
             payload = payload.wire()

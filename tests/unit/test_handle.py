@@ -258,6 +258,17 @@ def test_a_replaced_actor_is_found_again_by_name_before_the_call(
     assert looked_up == ["default.producer.normal.0"]
 
 
+def test_only_an_actor_ray_holds_as_dead_is_looked_up_again() -> None:
+    from athomic._handle import _is_dead
+
+    actor = FakeActor()
+    assert not _is_dead(actor)
+    for state, dead in ((None, False), (0, False), (3, False), (4, True)):
+        actor.state = state  # unknown, DEPENDENCIES_UNREADY, RESTARTING, DEAD
+        assert _is_dead(actor) is dead
+    assert not _is_dead(object())  # a handle without Ray's local state
+
+
 def test_full_lane_times_out_with_a_typed_error_and_sends_nothing() -> None:
     handle, lanes = make(lanes={"max_in_flight": 2, "normal": 1, "acquire_timeout_s": 0.2})
     for _ in range(2):
