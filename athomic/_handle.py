@@ -159,8 +159,10 @@ class Window:
             f"lane {lane!r} kept lanes.max_in_flight={self.limit} messages unacknowledged "
             f"for lanes.acquire_timeout_s={self.timeout_s}; nothing was sent")
 
-    def take(self, count: int, lane: str) -> int:
-        deadline = time.monotonic() + self.timeout_s
+    def _claim(self, count: int, wait: Callable[[], None]) -> int | None:
+        """Room for ``count`` now (the index of the actor it is on), else None once ``wait``
+        has run, under the lock, at a moment every call holding room carries a callback
+        (so whichever finishes first wakes the wait ``wait`` registers)."""
         while True:
             with self._cond:
                 index = self._try_take(count)
@@ -172,40 +174,37 @@ class Window:
                 index = self._try_take(count)
                 if index is not None:
                     return index
-                if not self._unarmed:  # every call holding room wakes this wait
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise self._timeout(lane)
-                    self._waiting += 1
-                    try:
-                        self._cond.wait(left)
-                    finally:
-                        self._waiting -= 1
-                    continue
+                if not self._unarmed:
+                    wait()
+                    return None
             self.arm()
+
+    def take(self, count: int, lane: str) -> int:
+        deadline = time.monotonic() + self.timeout_s
+
+        def wait() -> None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self._timeout(lane)
+            self._waiting += 1
+            try:
+                self._cond.wait(left)
+            finally:
+                self._waiting -= 1
+
+        while True:
+            index = self._claim(count, wait)
+            if index is not None:
+                return index
 
     async def take_async(self, count: int, lane: str,
                          loop: asyncio.AbstractEventLoop) -> int:
         deadline = time.monotonic() + self.timeout_s
         while True:
-            with self._cond:
-                index = self._try_take(count)
-                if index is not None:
-                    return index
-            if self._sweep():
-                continue
-            with self._cond:
-                index = self._try_take(count)
-                if index is not None:
-                    return index
-                if self._unarmed:
-                    waiter = None
-                else:  # every call holding room wakes this wait
-                    waiter = loop.create_future()
-                    self._async_waiters.append((loop, waiter))
-            if waiter is None:
-                self.arm()
-                continue
+            waiter: asyncio.Future[None] = loop.create_future()
+            index = self._claim(count, functools.partial(self._add_waiter, loop, waiter))
+            if index is not None:
+                return index
             left = deadline - time.monotonic()
             try:
                 if left <= 0:
@@ -218,6 +217,10 @@ class Window:
                 with self._cond:
                     if (loop, waiter) in self._async_waiters:
                         self._async_waiters.remove((loop, waiter))
+
+    def _add_waiter(self, loop: asyncio.AbstractEventLoop, waiter: asyncio.Future[None]
+                    ) -> None:
+        self._async_waiters.append((loop, waiter))  # the list of now: _wake_waiters swaps it
 
     def sent(self, ref: Any, index: int, count: int) -> None:
         """Record the call ``ref`` that holds ``count`` of actor ``index``'s room."""
