@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import socket
@@ -10,6 +11,7 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -290,8 +292,12 @@ async def test_delay_without_delay_topics_is_not_implemented(producer: Any,
         PublishingOutcome.SUCCESS_DIRECT
 
 
-def _silent_server() -> tuple[socket.socket, int]:
-    """A TCP port that accepts connections and never answers (a hung broker)."""
+@contextlib.contextmanager
+def _silent_server() -> Iterator[int]:
+    """A TCP port that accepts connections and never answers (a hung broker). On exit the
+    listener is shut down (which wakes the blocked ``accept``: a bare ``close`` does not,
+    and the thread would accept one more connection later and drop its sockets unclosed
+    in the middle of some other test), the thread joined and every accepted socket closed."""
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(16)
@@ -304,22 +310,30 @@ def _silent_server() -> tuple[socket.socket, int]:
             except OSError:
                 return
 
-    threading.Thread(target=accept, daemon=True).start()
-    return srv, srv.getsockname()[1]
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield srv.getsockname()[1]
+    finally:
+        srv.shutdown(socket.SHUT_RDWR)
+        thread.join(timeout=5)
+        assert not thread.is_alive(), "the silent server's accept did not wake"
+        srv.close()
+        for conn in conns:
+            conn.close()
 
 
 @pytest.mark.parametrize("broker", ["refused", "silent"])
 async def test_unreachable_broker_raises_connection_error_in_time(
         settings_factory: Any, topic: str, broker: str) -> None:
-    srv = None
-    if broker == "refused":
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-        probe.close()
-    else:
-        srv, port = _silent_server()
-    try:
+    with contextlib.ExitStack() as stack:
+        if broker == "refused":
+            probe = socket.socket()
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+            probe.close()
+        else:
+            port = stack.enter_context(_silent_server())
         settings = settings_factory(
             bootstrap_servers=f"127.0.0.1:{port}",
             connection_name=f"unreachable{uuid.uuid4().hex[:6]}",
@@ -329,9 +343,6 @@ async def test_unreachable_broker_raises_connection_error_in_time(
         with pytest.raises(MessagingConnectionError):
             ray.get(handle.publish.remote(topic=topic, message={"x": 1}), timeout=30)
         assert time.monotonic() - start < 3 + 5
-    finally:
-        if srv is not None:
-            srv.close()
 
 
 async def test_actor_restart_after_kill_keeps_handle_working(producer: Any,
