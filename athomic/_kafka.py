@@ -400,13 +400,44 @@ def acked_all(sent: Sequence[Sent], late: BaseException | None = None, *,
     return results
 
 
+_RECANCEL_S = 0.5
+
+
+async def _stop_within(client: KafkaProducer | KafkaConsumer, timeout_s: float) -> None:
+    """``client.stop()`` within ``timeout_s``. An aiokafka consumer's fetcher, when its
+    assignment changes (a group consumer's stop leaves the group, which revokes it),
+    cancels its fetches and awaits them with CancelledError suppressed; the cancel its
+    close() sends in that moment is swallowed and the stop waits for the fetcher forever.
+    While the stop runs and the fetcher is closing, its task is cancelled again every
+    ``_RECANCEL_S``, so such a stop ends in about that time, not at the timeout."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    stopping = asyncio.ensure_future(client.stop())
+    try:
+        while not stopping.done():
+            left = deadline - loop.time()
+            if left <= 0:
+                raise TimeoutError(f"{type(client).__name__}.stop() took over {timeout_s} s")
+            await asyncio.wait({stopping}, timeout=min(_RECANCEL_S, left))
+            fetcher = getattr(client, "_fetcher", None)
+            task = getattr(fetcher, "_fetch_task", None)
+            if getattr(fetcher, "_closed", False) is True and isinstance(task, asyncio.Task) \
+                    and not task.done():
+                task.cancel()
+        stopping.result()
+    finally:
+        if not stopping.done():  # cut short; never wait unbounded for its cancel
+            stopping.cancel()
+            await asyncio.wait({stopping}, timeout=_RECANCEL_S)
+
+
 async def stop_quietly(client: KafkaProducer | KafkaConsumer, timeout_s: float) -> None:
     """Stop a client within ``timeout_s``, whatever it raises. An aiokafka producer's stop
     waits for its pending batches (forever, with the brokers gone or the producer fenced);
     cut short, it leaves its sender running and its connections open, so they are then
     closed here: nothing of the client outlives this call."""
     try:
-        await asyncio.wait_for(client.stop(), timeout_s)
+        await _stop_within(client, timeout_s)
         return
     except BaseException:  # a client being let go: nothing to report
         pass

@@ -4,6 +4,7 @@ contract test cannot compare with a real broker)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -369,3 +370,68 @@ async def test_wait_quietly_cancelled_leaves_the_future_alone() -> None:
     await wait_quietly([future], 0.0)  # done or not, a zero timeout returns
     future.set_result(1)
     await wait_quietly([future], 5.0)  # already done: returns at once
+
+
+async def test_stop_quietly_cancels_again_a_fetcher_that_swallowed_its_cancel() -> None:
+    """aiokafka's fetcher awaits its own cancelled fetches with CancelledError suppressed
+    when its assignment changes; a consumer's stop landing then has its cancel swallowed
+    and would wait for the fetcher forever. stop_quietly cancels it again: the stop ends
+    in about half a second, not at the timeout, and closes its connections."""
+    closed: list[str] = []
+
+    async def fetch_routine() -> None:
+        with contextlib.suppress(asyncio.CancelledError):  # the first cancel is lost
+            await asyncio.sleep(3600)
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            closed.append("fetcher")
+
+    class Fetcher:
+        def __init__(self) -> None:
+            self._closed = False
+            self._fetch_task = asyncio.ensure_future(fetch_routine())
+
+    class Consumer:
+        def __init__(self) -> None:
+            self._fetcher = Fetcher()
+
+        async def stop(self) -> None:
+            self._fetcher._closed = True
+            self._fetcher._fetch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._fetcher._fetch_task
+            closed.append("connections")
+
+    consumer = Consumer()
+    await asyncio.sleep(0)  # the routine is waiting
+    began = time.monotonic()
+    await stop_quietly(consumer, 20.0)  # type: ignore[arg-type]
+    assert time.monotonic() - began < 2
+    assert closed == ["fetcher", "connections"]
+    assert consumer._fetcher._fetch_task.done()
+
+
+async def test_stop_quietly_leaves_a_running_fetcher_alone_until_its_close() -> None:
+    """Only a fetcher whose close has begun is cancelled again: while a group consumer's
+    stop is still leaving its group, the fetcher keeps running."""
+    class Fetcher:
+        def __init__(self) -> None:
+            self._closed = False
+            self._fetch_task = asyncio.ensure_future(asyncio.sleep(3600))
+
+    class Consumer:
+        def __init__(self) -> None:
+            self._fetcher = Fetcher()
+
+        async def stop(self) -> None:
+            await asyncio.sleep(1.2)  # leaving the group: two re-cancel rounds pass
+            assert not self._fetcher._fetch_task.cancelled()
+            self._fetcher._closed = True
+            self._fetcher._fetch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._fetcher._fetch_task
+
+    consumer = Consumer()
+    await stop_quietly(consumer, 5.0)  # type: ignore[arg-type]
+    assert consumer._fetcher._fetch_task.cancelled()
