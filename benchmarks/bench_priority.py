@@ -14,6 +14,12 @@ lane alike), so the effect of that setting is measured, not assumed.
 Before the runs, each handle takes a flood and HIGH publishes for part of ``--warmup``
 seconds, not counted: a freshly started broker's JVM compiles its hot paths in its first
 minute of load, on the same cores.
+
+``--floor`` runs, instead, what HIGH is made of, interleaved call by call with it (in a
+shuffled order each round), unloaded and under the same flood: a no-op Ray actor call,
+an in-process aiokafka ``send_and_wait``, and the contract's minimal actor (an async Ray
+actor around a plain aiokafka producer): how much of HIGH's tail under the flood any
+actor call or any send has here.
 Uses KAFKA_BOOTSTRAP when set, else starts deploy/kafka/kafka-local.
 """
 
@@ -22,14 +28,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import time
 import uuid
 from typing import Any
 
 import numpy as np
+import orjson
 import ray
 from _bench import kafka_and_ray, machine, median, spread
-from bench_publish import event
+from bench_publish import MinimalActor, NoOp, event, plain_producer
 
 from athomic import MessagingSettings, ProducerFactory, PublishingOutcome
 
@@ -81,6 +89,86 @@ def p99(values: list[float]) -> float:
     return float(np.percentile(values, 99))
 
 
+def floor_latencies(variants: dict[str, Any], samples: int) -> dict[str, list[float]]:
+    """Milliseconds per call of each variant, interleaved call by call."""
+    out: dict[str, list[float]] = {k: [] for k in variants}
+    names = list(variants)
+    shuffle = random.Random(11).shuffle
+    for i in range(samples):
+        shuffle(names)
+        for name in names:
+            start = time.perf_counter()
+            variants[name](i)
+            out[name].append((time.perf_counter() - start) * 1000)
+    return out
+
+
+def floor_runs(bootstrap: str, runs: int, samples: int, warmup: float) -> dict[str, Any]:
+    """HIGH beside a no-op actor call, in-process send_and_wait and the minimal actor,
+    unloaded and under the flood, per run."""
+    tag = uuid.uuid4().hex[:6]
+    topic = f"prio.floor.{tag}"
+    handle = ProducerFactory.create(MessagingSettings(bootstrap_servers=bootstrap,
+                                                      connection_name=f"floor{tag}"))
+    noop = NoOp.remote()
+    minimal = MinimalActor.remote(bootstrap)
+    ray.get([noop.publish.remote(None), minimal.start.remote()])
+    loop = asyncio.new_event_loop()
+    producer = loop.run_until_complete(plain_producer(bootstrap))
+
+    def high(i: int) -> None:
+        assert ray.get(handle.publish.remote(topic=topic, message=event(i), key=f"h{i}",
+                                             priority="high")) \
+            is PublishingOutcome.SUCCESS_DIRECT
+
+    variants = {
+        "athomic HIGH": high,
+        "no-op actor call": lambda i: ray.get(noop.publish.remote(None)),
+        "send_and_wait in process": lambda i: loop.run_until_complete(
+            producer.send_and_wait(topic + ".raw", orjson.dumps(event(i)), key=b"k")),
+        "minimal actor": lambda i: ray.get(minimal.publish_outcome.remote(
+            topic + ".min", b"k", orjson.dumps(event(i)))),
+    }
+    for variant in variants.values():
+        variant(0)
+    results: dict[str, Any] = {k: {"unloaded": [], "flood": []} for k in variants}
+    try:
+        for run in range(0, runs + 1):  # run 0: the warm-up, not counted
+            unloaded = floor_latencies(variants, samples if run else 100)
+            flood = Flood.remote(handle, topic + ".flood")
+            running = flood.run.remote()
+            time.sleep(2.0 if run else warmup)
+            flooded = floor_latencies(variants, samples if run else 100)
+            ray.get(flood.stop.remote())
+            ray.get(running)
+            ray.kill(flood)
+            if not run:
+                continue
+            for k in variants:
+                results[k]["unloaded"].append(unloaded[k])
+                results[k]["flood"].append(flooded[k])
+                un, fl = unloaded[k], flooded[k]
+                print(f"run {run} {k:26} p50/p99 unloaded {np.median(un):.1f}/{p99(un):.1f} "
+                      f"ms, under flood {np.median(fl):.1f}/{p99(fl):.1f} ms "
+                      f"(ratio {p99(fl) / p99(un):.2f})", flush=True)
+    finally:
+        loop.run_until_complete(producer.stop())
+        loop.close()
+        ray.get(minimal.stop.remote())
+        ProducerFactory.shutdown(handle.connection_name)
+    print(f"\n{runs} runs, {samples} calls of each per measurement, interleaved; flood "
+          f"{FLOOD_IN_FLIGHT} x {FLOOD_BATCH} NORMAL in flight ({machine()})")
+    ratios = {}
+    for k, lat in results.items():
+        ratios[k] = [p99(f) / p99(u) for u, f in zip(lat["unloaded"], lat["flood"],
+                                                    strict=True)]
+        print(f"{k:26} p99 unloaded {median([p99(x) for x in lat['unloaded']]):.1f} ms, "
+              f"under flood {median([p99(x) for x in lat['flood']]):.1f} ms; ratio median "
+              f"{median(ratios[k]):.2f} ({spread(ratios[k])}), worst {max(ratios[k]):.2f}")
+    return {"latencies_ms": results, "ratios": ratios, "samples": samples,
+            "machine": machine()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=5)
@@ -88,8 +176,18 @@ def main() -> None:
                         help="HIGH publishes per measurement")
     parser.add_argument("--warmup", type=float, default=20.0, metavar="SECONDS",
                         help="load before the runs, not counted (0: none)")
+    parser.add_argument("--floor", action="store_true",
+                        help="HIGH beside a no-op actor call, send_and_wait and the minimal "
+                             "actor, interleaved (instead of the two handles)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
+    if args.floor:
+        with kafka_and_ray() as bootstrap:
+            found = floor_runs(bootstrap, args.runs, args.samples, args.warmup)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(found, f)
+        return
     variants = {"nice 4 (default)": 4, "nice 0": 0}
     lat: dict[str, dict[str, list[list[float]]]] = {
         v: {"unloaded": [], "flood": []} for v in variants}
