@@ -45,6 +45,7 @@ bench: setup
 	mkdir -p benchmarks/results
 	cd benchmarks && for b in $(BENCH_JSON); do \
 	  $(PYTHON) $$b.py --json results/$$b.json || exit 1; done
+	cd benchmarks && $(PYTHON) bench_priority.py --floor --json results/bench_priority_floor.json
 	cd benchmarks && for b in $(BENCH_PLAIN); do $(PYTHON) $$b.py || exit 1; done
 	$(PYTHON) benchmarks/plots.py --publish benchmarks/results/bench_publish.json \
 	  --priority benchmarks/results/bench_priority.json \
