@@ -201,10 +201,18 @@ class Window:
                          loop: asyncio.AbstractEventLoop) -> int:
         deadline = time.monotonic() + self.timeout_s
         while True:
-            waiter: asyncio.Future[None] = loop.create_future()
-            index = self._claim(count, functools.partial(self._add_waiter, loop, waiter))
+            waiter: asyncio.Future[None] | None = None
+
+            def wait() -> None:  # a future only for a caller that must wait
+                nonlocal waiter
+                waiter = loop.create_future()
+                # the list of now: _wake_waiters swaps it
+                self._async_waiters.append((loop, waiter))
+
+            index = self._claim(count, wait)
             if index is not None:
                 return index
+            assert waiter is not None
             left = deadline - time.monotonic()
             try:
                 if left <= 0:
@@ -217,10 +225,6 @@ class Window:
                 with self._cond:
                     if (loop, waiter) in self._async_waiters:
                         self._async_waiters.remove((loop, waiter))
-
-    def _add_waiter(self, loop: asyncio.AbstractEventLoop, waiter: asyncio.Future[None]
-                    ) -> None:
-        self._async_waiters.append((loop, waiter))  # the list of now: _wake_waiters swaps it
 
     def sent(self, ref: Any, index: int, count: int) -> None:
         """Record the call ``ref`` that holds ``count`` of actor ``index``'s room."""

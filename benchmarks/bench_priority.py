@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -71,6 +73,25 @@ class Flood:
 
     async def stop(self) -> None:
         self.running = False
+
+
+@contextlib.contextmanager
+def flooding(handle: Any, topic: str, settle_s: float = 0.0) -> Iterator[dict[str, float]]:
+    """A Flood actor keeping NORMAL batches in flight through ``handle`` for the body
+    (after ``settle_s`` to reach its steady state); on exit ``found["msg_s"]``: its rate
+    over the body and the settling."""
+    flood = Flood.remote(handle, topic)
+    running = flood.run.remote()
+    time.sleep(settle_s)
+    start = time.perf_counter()
+    found: dict[str, float] = {}
+    try:
+        yield found
+    finally:
+        ray.get(flood.stop.remote())
+        sent = ray.get(running)
+        found["msg_s"] = sent / (time.perf_counter() - start + settle_s)
+        ray.kill(flood)
 
 
 def high_latencies(handle: Any, topic: str, samples: int) -> list[float]:
@@ -135,13 +156,8 @@ def floor_runs(bootstrap: str, runs: int, samples: int, warmup: float) -> dict[s
     try:
         for run in range(0, runs + 1):  # run 0: the warm-up, not counted
             unloaded = floor_latencies(variants, samples if run else 100)
-            flood = Flood.remote(handle, topic + ".flood")
-            running = flood.run.remote()
-            time.sleep(2.0 if run else warmup)
-            flooded = floor_latencies(variants, samples if run else 100)
-            ray.get(flood.stop.remote())
-            ray.get(running)
-            ray.kill(flood)
+            with flooding(handle, topic + ".flood", 2.0 if run else warmup):
+                flooded = floor_latencies(variants, samples if run else 100)
             if not run:
                 continue
             for k in variants:
@@ -203,27 +219,17 @@ def main() -> None:
                                               priority="high"))
             ray.get(handles[v].publish.remote(topic=f"prio.{tag}.flood", message={"warm": 1}))
         for handle in handles.values():  # warm-up, not counted
-            flood = Flood.remote(handle, f"prio.{tag}.flood")
-            running = flood.run.remote()
-            until = time.monotonic() + args.warmup / len(handles)
-            while time.monotonic() < until:
-                high_latencies(handle, f"prio.{tag}", 50)
-            ray.get(flood.stop.remote())
-            ray.get(running)
-            ray.kill(flood)
+            with flooding(handle, f"prio.{tag}.flood"):
+                until = time.monotonic() + args.warmup / len(handles)
+                while time.monotonic() < until:
+                    high_latencies(handle, f"prio.{tag}", 50)
         for run in range(1, args.runs + 1):
             for v, handle in handles.items():
                 topic = f"prio.{tag}"
                 lat[v]["unloaded"].append(high_latencies(handle, topic, args.samples))
-                flood = Flood.remote(handle, f"prio.{tag}.flood")
-                running = flood.run.remote()
-                time.sleep(2.0)  # the flood reaches its steady state
-                start = time.perf_counter()
-                lat[v]["flood"].append(high_latencies(handle, topic, args.samples))
-                ray.get(flood.stop.remote())
-                sent = ray.get(running)
-                flooded[v].append(sent / (time.perf_counter() - start + 2.0))
-                ray.kill(flood)
+                with flooding(handle, f"prio.{tag}.flood", 2.0) as flood:
+                    lat[v]["flood"].append(high_latencies(handle, topic, args.samples))
+                flooded[v].append(flood["msg_s"])
                 un, fl = lat[v]["unloaded"][-1], lat[v]["flood"][-1]
                 print(f"run {run} {v}: HIGH p50/p99 unloaded {np.median(un):.1f}/"
                       f"{p99(un):.1f} ms, under flood {np.median(fl):.1f}/{p99(fl):.1f} ms "
