@@ -48,6 +48,7 @@ from athomic.settings import MessagingSettings
 from athomic.strategies import (
     DelayedPublishStrategy,
     DirectPublishStrategy,
+    HeaderMemo,
     OutgoingRecord,
     PublishingStrategy,
     envelope_keys,
@@ -225,11 +226,12 @@ class ProducerActor:
             await self._check_final_topics(waiting)
         prepared = []
         now = time.time()
+        memo: HeaderMemo = {}
         for i, (request, enc) in enumerate(zip(requests, encoded, strict=True)):
             index = i if len(requests) > 1 else None
             strategy = self.strategy_for(request, now)
             try:
-                record = strategy.build(request, enc, topics[i])
+                record = strategy.build(request, enc, topics[i], memo=memo)
             except AthomicError as exc:
                 if index is not None:
                     exc.at_index(index)
@@ -289,7 +291,7 @@ class ProducerActor:
         acknowledged = await self._await_acks(futures, start, timeout)
         results = acked_all(sent, None if acknowledged else asyncio.TimeoutError(
             f"not acknowledged within delivery_timeout_ms="
-            f"{self.settings.producer.delivery_timeout_ms}"))
+            f"{self.settings.producer.delivery_timeout_ms}"), offsets=recorder.offsets)
         # A delayed message with a caller-chosen id: every republisher learns which
         # publish of the id is the one to deliver (a later one replaces it).
         scheduled = [i for i, (request, result) in enumerate(zip(requests, results,

@@ -58,10 +58,11 @@ class OutgoingRecord:
 class PublishingStrategy(Protocol):
     outcome: PublishingOutcome
 
-    def build(self, request: PublishRequest, encoded: Encoded, topic: str
-              ) -> OutgoingRecord:
+    def build(self, request: PublishRequest, encoded: Encoded, topic: str, *,
+              memo: HeaderMemo | None = None) -> OutgoingRecord:
         """The record for ``request``, whose byte stages produced ``encoded``, to be
-        delivered to ``topic`` (its physical topic)."""
+        delivered to ``topic`` (its physical topic); ``memo``: one dict per call, shared
+        by its requests' builds."""
 
 
 def physical_topic(topic: str, priority: MessagePriority, priority_topics: bool) -> str:
@@ -86,23 +87,40 @@ def final_headers(request: PublishRequest, encoded: Encoded, *, due: bool = True
     return _final_headers(request, encoded, due=due)[0]
 
 
-def _final_headers(request: PublishRequest, encoded: Encoded, *, due: bool = True
-                   ) -> tuple[list[tuple[str, bytes]], int]:
+HeaderMemo = dict[int, tuple[list[tuple[str, bytes]], list[tuple[str, bytes]], int, float,
+                             bytes, str | None, bytes | None]]
+"""What the requests of one call share, worked out once (``_final_headers``): per headers
+list (by ``id``), the list itself, its entries athomic does not own and their bytes, the
+publish time and its header value, the content type and its header value."""
+
+
+def _final_headers(request: PublishRequest, encoded: Encoded, *, due: bool = True,
+                   memo: HeaderMemo | None = None) -> tuple[list[tuple[str, bytes]], int]:
     """``final_headers``, and the bytes of their keys and values (counted as they are
-    added, not summed again when the record's size is checked)."""
-    headers = [h for h in request.headers if h[0] not in _OWNED]
-    size = sum(len(k) + len(v) for k, v in headers)
+    added, not summed again when the record's size is checked). ``memo``: one dict per
+    call; the requests of a batch share their headers list (what the handle captured),
+    publish time and content type, which are then filtered and encoded once."""
+    shared = None if memo is None else memo.get(id(request.headers))
+    if (shared is None or shared[0] is not request.headers
+            or shared[3] != request.published_at or shared[5] != request.content_type):
+        kept = [h for h in request.headers if h[0] not in _OWNED]
+        # Epoch milliseconds of the publish call, fixed on the caller's side; kept
+        # through delays, so it is the original publish time.
+        kind = request.content_type
+        shared = (request.headers, kept, sum(len(k) + len(v) for k, v in kept),
+                  request.published_at, str(round(request.published_at * 1000)).encode(),
+                  kind, None if kind is None else kind.encode())
+        if memo is not None:
+            memo[id(request.headers)] = shared
+    _, kept, size, _, published_at, _, content_type = shared
+    headers = kept.copy()
     message_id = request.message_id.encode()
     priority = _PRIORITY_BYTES[request.priority]
-    # Epoch milliseconds of the publish call, fixed on the caller's side; kept through
-    # delays, so it is the original publish time.
-    published_at = str(round(request.published_at * 1000)).encode()
     headers.append((H_MESSAGE_ID, message_id))
     headers.append((H_PRIORITY, priority))
     headers.append((H_PUBLISHED_AT, published_at))
     size += _OWN_KEYS + len(message_id) + len(priority) + len(published_at)
-    if request.content_type is not None:
-        content_type = request.content_type.encode()
+    if content_type is not None:
         headers.append((H_CONTENT_TYPE, content_type))
         size += len(H_CONTENT_TYPE) + len(content_type)
     if request.schema is not None:
@@ -145,11 +163,11 @@ class DirectPublishStrategy:
 
     outcome = PublishingOutcome.SUCCESS_DIRECT
 
-    def build(self, request: PublishRequest, encoded: Encoded, topic: str
-              ) -> OutgoingRecord:
+    def build(self, request: PublishRequest, encoded: Encoded, topic: str, *,
+              memo: HeaderMemo | None = None) -> OutgoingRecord:
         # A delayed message already due when it reached the producer goes out now, its
         # headers still saying when it was due.
-        headers, size = _final_headers(request, encoded)
+        headers, size = _final_headers(request, encoded, memo=memo)
         return OutgoingRecord(topic, request.key, encoded.value, headers, size)
 
 
@@ -182,7 +200,8 @@ class DelayedPublishStrategy:
         self._keys = keys
 
     def build(self, request: PublishRequest, encoded: Encoded, topic: str,
-              now: float | None = None) -> OutgoingRecord:
+              now: float | None = None, *, memo: HeaderMemo | None = None
+              ) -> OutgoingRecord:
         if request.deliver_at is None:
             raise ValueError("a delayed publish needs a due time")
         deliver_at_ms = ms_ceil(request.deliver_at)  # rounding up: never early
@@ -198,7 +217,8 @@ class DelayedPublishStrategy:
         env = envelope.Envelope(
             topic=topic, key=request.key, value=encoded.value,
             # the due time and hop are stamped when the message is delivered: not carried
-            headers=final_headers(request, encoded, due=False), deliver_at_ms=deliver_at_ms,
+            headers=_final_headers(request, encoded, due=False, memo=memo)[0],
+            deliver_at_ms=deliver_at_ms,
             hold_until_ms=hold_until_ms, published_ms=published_ms, hop=1,
             priority=request.priority, message_id=request.message_id, version=version,
             caller_id=request.version is not None)

@@ -317,6 +317,12 @@ class PublishRecorder:
             if tel.settings.pipeline_spans and self._groups:
                 self.observe = tel._segment_observer(self._groups[0].span)
 
+    @property
+    def offsets(self) -> bool:
+        """Whether ``done`` needs each record's own offset: a span of one message records
+        it; a batch's span and the metrics do not."""
+        return any(len(group.indices) == 1 for group in self._groups)
+
     @contextlib.contextmanager
     def sending(self) -> Iterator[Callable[[int], None]]:
         """Wrap the loop that hands the records to the Kafka client; call the function it

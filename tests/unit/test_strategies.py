@@ -130,3 +130,45 @@ def test_header_bytes_counted_while_building_match_the_headers() -> None:
         assert h["message-id"] == r.message_id.encode()
         assert ("x" in h) == (i < 6) and ("y" in h) == (i == 6)
         assert h["athomic-published-at"] == str(round(r.published_at * 1000)).encode()
+
+
+def test_a_calls_shared_header_work_gives_each_record_its_own_headers() -> None:
+    """One memo per call: the requests of a batch share the captured headers list, publish
+    time and content type, which are filtered and encoded once. Requests that share only
+    some of them (or a list with the same contents) still get exactly the headers and size
+    a build without the memo gives, and no record's list is another's."""
+    shared = [("traceparent", b"00-" + b"a" * 32 + b"-" + b"b" * 16 + b"-01"),
+              ("message-id", b"spoofed"), ("x", b"1")]
+    base = request()._replace(headers=shared)
+    requests = [
+        base._replace(message_id="id-1"),
+        base._replace(message_id="id-2", priority=MessagePriority.HIGH),
+        base._replace(message_id="id-3", published_at=2.5),  # same list, other time
+        base._replace(message_id="id-4", content_type=None, schema="s1"),
+        base._replace(message_id="id-5", headers=list(shared)),  # equal, not the same
+        base._replace(message_id="id-6", headers=[("y", b"2")]),
+        base._replace(message_id="id-7"),
+    ]
+    encoded = [Encoded(b"v", []), Encoded(b"v", [("content-encoding", b"zstd")])] * 4
+    strategy = DirectPublishStrategy()
+    memo: dict = {}
+    with_memo = [strategy.build(r, e, "orders", memo=memo)
+                 for r, e in zip(requests, encoded, strict=False)]
+    alone = [strategy.build(r, e, "orders") for r, e in zip(requests, encoded, strict=False)]
+    assert [(r.headers, r.size()) for r in with_memo] == \
+        [(r.headers, r.size()) for r in alone]
+    assert len({id(r.headers) for r in with_memo}) == len(with_memo)
+    h3 = MessageHeaders(with_memo[2].headers)
+    assert h3["athomic-published-at"] == b"2500" and h3["message-id"] == b"id-3"
+    assert "content-type" not in MessageHeaders(with_memo[3].headers)
+    assert MessageHeaders(with_memo[5].headers)["y"] == b"2"
+    assert len(memo) == 3  # one entry per distinct headers list
+    settings = MessagingSettings(delay_topics={1: "d1", 10: "d10"})
+    delayed = DelayedPublishStrategy(settings)
+    late = [r._replace(deliver_at=r.published_at + 5) for r in requests]
+    from athomic.envelope import decode
+    memo = {}
+    assert [decode(delayed.build(r, Encoded(b"v", []), "orders", now=1.0,
+                                 memo=memo).value or b"").headers for r in late] == \
+        [decode(delayed.build(r, Encoded(b"v", []), "orders", now=1.0).value or b"").headers
+         for r in late]
