@@ -10,6 +10,9 @@
    against a plain in-process aiokafka producer with the same acks/idempotence sending the
    same messages in batches of 1,000 (serialise and ``send`` all, then await all), and
    against the fastest aiokafka has (``create_batch``/``send_batch``, one per partition).
+   The calls in flight once more through a handle whose NORMAL lane has ``--pool``
+   ProducerActors (``lanes.normal``): one producer, in process or in an actor, works on
+   one core; the pool is how athomic uses more.
 3. Throughput against batch size (10 .. 5,000, 3 calls in flight), for the plot.
 4. The same publishes through a minimal actor (``MinimalActor``: an async Ray actor around
    a plain aiokafka producer, given bytes ready to send), one at a time and in batches:
@@ -24,6 +27,9 @@
    ratios; medians of the latencies.
 
 Each run measures every variant, interleaved; figures are medians with the per-run spread.
+For the batch variants it also gives the CPU the whole machine spent per message (every
+process: caller, actors, Ray, broker) and the cores busy meanwhile: on 2 cores, a path's rate
+cannot exceed 2 cores / its CPU per message.
 Uses KAFKA_BOOTSTRAP when set, else starts deploy/kafka/kafka-local.
 """
 
@@ -36,11 +42,12 @@ import os
 import random
 import time
 import uuid
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import orjson
 import ray
-from _bench import kafka_and_ray, machine, median, spread
+from _bench import cpu_busy, kafka_and_ray, machine, median, spread
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 
@@ -240,6 +247,11 @@ async def aiokafka_record_batches(bootstrap: str, topic: str, batches: int, size
         await producer.stop()
 
 
+def in_loop(measure: Callable[..., Coroutine[Any, Any, float]]) -> Callable[..., float]:
+    """``measure`` (an async benchmark) run to completion in its own event loop."""
+    return lambda *args: asyncio.run(measure(*args))
+
+
 def athomic_batches(handle: Any, topic: str, batches: int, size: int, in_flight: int
                     ) -> float:
     start = time.perf_counter()
@@ -262,6 +274,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--in-flight", type=int, default=3,
                         help="publish_batch calls in flight in the pipelined variant")
+    parser.add_argument("--pool", type=int, default=2,
+                        help="ProducerActors in the NORMAL lane of the pool variant "
+                             "(0: skip it)")
     parser.add_argument("--sizes", default="10,100,1000,5000",
                         help="batch sizes for the throughput curve (empty: skip)")
     parser.add_argument("--interleaved", type=int, default=2000,
@@ -273,7 +288,22 @@ def main() -> None:
         "noop_actor", "aiokafka_single", "minimal_actor_single",
         "minimal_actor_single_outcome", "athomic_single",
         "aiokafka_batch", "aiokafka_record_batch", "minimal_actor_batch",
-        "minimal_actor_batch_pipelined", "athomic_batch", "athomic_batch_pipelined")}
+        "minimal_actor_batch_pipelined", "athomic_batch", "athomic_batch_pipelined",
+        "athomic_batch_pipelined_pool")}
+    if not args.pool:
+        del results["athomic_batch_pipelined_pool"]
+    cpu_us: dict[str, list[float]] = {}
+    cores: dict[str, list[float]] = {}
+
+    def metered(name: str, messages: int, run: Callable[..., float], *run_args: Any
+                ) -> float:
+        busy, start = cpu_busy(), time.perf_counter()
+        rate = run(*run_args)
+        busy, wall = cpu_busy() - busy, time.perf_counter() - start
+        cpu_us.setdefault(name, []).append(1e6 * busy / messages)
+        cores.setdefault(name, []).append(busy / wall)
+        return rate
+
     sizes = [int(s) for s in args.sizes.split(",") if s]
     curve: dict[int, list[float]] = {s: [] for s in sizes}
     interleaved: list[dict[str, float]] = []
@@ -281,6 +311,12 @@ def main() -> None:
         conn = f"bench{uuid.uuid4().hex[:6]}"
         handle = ProducerFactory.create(MessagingSettings(bootstrap_servers=bootstrap,
                                                           connection_name=conn))
+        pool = None
+        if args.pool:
+            pool = ProducerFactory.create(MessagingSettings(
+                bootstrap_servers=bootstrap, connection_name=conn + "pool",
+                lanes={"normal": args.pool}))
+            athomic_batches(pool, f"bench.pool.{conn}", 2 * args.pool, 10, args.pool)
         noop = NoOp.remote()
         ray.get(noop.publish.remote(None))
         minimal = MinimalActor.remote(bootstrap)
@@ -309,18 +345,26 @@ def main() -> None:
                 ray.get(handle.publish.remote(topic=topic + ".ath1", message=m, key=f"k{i}"))
             results["athomic_single"].append(args.single / (time.perf_counter() - start))
 
-            results["aiokafka_batch"].append(asyncio.run(aiokafka_batches(
-                bootstrap, topic + ".rawb", args.batches, args.batch_size)))
-            results["aiokafka_record_batch"].append(asyncio.run(aiokafka_record_batches(
-                bootstrap, topic + ".rawr", args.batches, args.batch_size)))
-            results["minimal_actor_batch"].append(minimal_batches(
-                minimal, topic + ".minb", args.batches, args.batch_size, 1))
-            results["minimal_actor_batch_pipelined"].append(minimal_batches(
-                minimal, topic + ".minp", args.batches, args.batch_size, args.in_flight))
-            results["athomic_batch"].append(athomic_batches(
-                handle, topic + ".athb", args.batches, args.batch_size, 1))
-            results["athomic_batch_pipelined"].append(athomic_batches(
-                handle, topic + ".athp", args.batches, args.batch_size, args.in_flight))
+            n, size, flight = args.batches * args.batch_size, args.batch_size, args.in_flight
+            batch_variants: list[tuple[str, Callable[..., float], tuple[Any, ...]]] = [
+                ("aiokafka_batch", in_loop(aiokafka_batches),
+                 (bootstrap, topic + ".rawb", args.batches, size)),
+                ("aiokafka_record_batch", in_loop(aiokafka_record_batches),
+                 (bootstrap, topic + ".rawr", args.batches, size)),
+                ("minimal_actor_batch", minimal_batches,
+                 (minimal, topic + ".minb", args.batches, size, 1)),
+                ("minimal_actor_batch_pipelined", minimal_batches,
+                 (minimal, topic + ".minp", args.batches, size, flight)),
+                ("athomic_batch", athomic_batches,
+                 (handle, topic + ".athb", args.batches, size, 1)),
+                ("athomic_batch_pipelined", athomic_batches,
+                 (handle, topic + ".athp", args.batches, size, flight)),
+            ]
+            if pool is not None:
+                batch_variants.append(("athomic_batch_pipelined_pool", athomic_batches,
+                                       (pool, topic + ".athq", args.batches, size, flight)))
+            for name, variant, variant_args in batch_variants:
+                results[name].append(metered(name, n, variant, *variant_args))
             for size in sizes:
                 batches = max(3, 20_000 // size)
                 curve[size].append(athomic_batches(handle, f"{topic}.curve{size}", batches,
@@ -333,6 +377,8 @@ def main() -> None:
             print(f"run {run}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in results.items())
                   + "".join(f", batch {s} {curve[s][-1]:.0f}/s" for s in sizes), flush=True)
         ProducerFactory.shutdown(conn)
+        if pool is not None:
+            ProducerFactory.shutdown(conn + "pool")
         ray.get(minimal.stop.remote())
     floor = [1 / (1 / n + 1 / k) for n, k in zip(results["noop_actor"],
                                                  results["aiokafka_single"], strict=True)]
@@ -356,6 +402,10 @@ def main() -> None:
         f"batch, {args.in_flight} in flight / minimal actor, same": [a / b for a, b in zip(
             results["athomic_batch_pipelined"], results["minimal_actor_batch_pipelined"],
             strict=True)],
+        **({f"batch, {args.in_flight} in flight, {args.pool} actors / aiokafka": [
+            a / b for a, b in zip(results["athomic_batch_pipelined_pool"],
+                                  results["aiokafka_batch"], strict=True)]}
+           if args.pool else {}),
         f"batch, {args.in_flight} in flight / aiokafka record batches": [
             a / b for a, b in zip(results["athomic_batch_pipelined"],
                                   results["aiokafka_record_batch"], strict=True)],
@@ -378,13 +428,18 @@ def main() -> None:
     for size in sizes:
         print(f"{f'batch {size}, {args.in_flight} in flight':34} "
               f"{median(curve[size]):>12.0f}  {', '.join(f'{x:.0f}' for x in curve[size])}")
+    for k in cpu_us:
+        print(f"{f'{k}, machine CPU us/msg':34} {median(cpu_us[k]):>12.1f}  "
+              f"{', '.join(f'{x:.1f}' for x in cpu_us[k])}; cores busy "
+              f"{median(cores[k]):.2f} ({spread(cores[k])})")
     for k in interleaved[0] if interleaved else ():
         values = [run[k] for run in interleaved]
         print(f"{f'interleaved {k}, latency us':34} {median(values):>12.0f}  "
               f"{', '.join(f'{x:.0f}' for x in values)}")
     targets = {"single / floor": 0.85, "single / floor, interleaved": 0.85,
                "batch / aiokafka": 0.7,
-               f"batch, {args.in_flight} in flight / aiokafka": 1.0}
+               f"batch, {args.in_flight} in flight / aiokafka": 1.0,
+               f"batch, {args.in_flight} in flight, {args.pool} actors / aiokafka": 1.0}
     for name, values in ratios.items():
         target = f"; target >= {targets[name]}" if name in targets else ""
         print(f"ratio {name:50} median {median(values):.2f} ({spread(values)}){target}")
@@ -393,8 +448,10 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"runs": results, "floor": floor, "ratios": ratios,
                        "curve": {str(k): v for k, v in curve.items()},
-                       "interleaved_us": interleaved,
-                       "in_flight": args.in_flight, "machine": machine()}, f, indent=2)
+                       "interleaved_us": interleaved, "cpu_us_per_msg": cpu_us,
+                       "cores_busy": cores,
+                       "in_flight": args.in_flight, "pool": args.pool,
+                       "machine": machine()}, f, indent=2)
 
 
 if __name__ == "__main__":
