@@ -68,8 +68,8 @@ async def replay(settings: MessagingSettings, *, limit: int | None = None,
     producer = None if dry_run else clients.producer(
         **options, transactional_id=f"athomic.dlq-replay.{settings.connection_name}",
         enable_idempotence=True, acks="all")
-    await consumer.start()
-    try:
+    try:  # a start that fails may have opened connections: the stop below closes them
+        await consumer.start()
         if producer is not None:
             await producer.start()
         consumer.assign(tps)

@@ -79,8 +79,10 @@ class IdLog:
             **self.settings.kafka_client_options(), group_id=None, enable_auto_commit=False,
             isolation_level="read_committed", auto_offset_reset="earliest",
             fetch_max_wait_ms=20)
-        await consumer.start()
+        # kept before it starts: a start that fails may have opened connections, which
+        # stop() (the republisher's close) then closes
         self._consumer = consumer
+        await consumer.start()
         consumer.assign(self._partitions)
         starts = await consumer.beginning_offsets(self._partitions)
         for tp in self._partitions:

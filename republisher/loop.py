@@ -737,8 +737,10 @@ class BucketRepublisher:
         reader = self.clients.consumer(
             **self.settings.kafka_client_options(), group_id=None, enable_auto_commit=False,
             isolation_level="read_committed", auto_offset_reset="earliest")
-        await self._bounded(reader.start())
         try:
+            # inside: a start that fails or is cancelled (the claim cut short) may have
+            # opened connections already, which the stop below closes
+            await self._bounded(reader.start())
             reader.assign([mtp])
             end = (await self._bounded(reader.end_offsets([mtp])))[mtp]
             found = (await self._bounded(reader.offsets_for_times({mtp: now_ms() - window})

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from aiokafka.errors import (
     InvalidTopicError,
+    KafkaConnectionError,
     KafkaTimeoutError,
     NotEnoughReplicasError,
     TopicAuthorizationFailedError,
@@ -786,6 +787,21 @@ async def test_dead_letters_replay_once_each_where_they_belong(kafka: FakeKafka)
     assert closed(kafka)
 
 
+async def test_a_replay_whose_consumer_cannot_start_leaves_nothing_open(
+        kafka: FakeKafka) -> None:
+    """A consumer whose start fails may hold connections already: the replay stops it
+    (and its producer) before raising."""
+    from athomic.republisher.dlq import replay
+
+    s = settings()
+    await write(kafka, "dlq", b"garbage", b"c")
+    kafka.faults.add("consumer.start", raises=KafkaConnectionError(), times=1)
+    with pytest.raises(KafkaConnectionError):
+        await replay(s, clients=kafka)
+    (consumer,) = [c for c in kafka.clients if c.kind == "consumer"]
+    assert not consumer.started and consumer.closed and closed(kafka)
+
+
 # --- cancel and replace by message id --------------------------------------------------------
 async def record_id(kafka: FakeKafka, s: MessagingSettings, message_id: str, kind: int,
                     req: PublishRequest | None = None, *, signed: bool = True) -> None:
@@ -930,8 +946,6 @@ async def test_a_bucket_actor_that_cannot_start_again_and_again_exits(
     """Brokers unreachable: the loop retries with backoff, the caller of ready() learns
     why at once, and after MAX_FAILED_STARTS failures in a row the process exits (Ray
     restarts the actor in a fresh one)."""
-    from aiokafka.errors import KafkaConnectionError
-
     from athomic.actors import delay_bucket
     from athomic.errors import MessagingConnectionError
 
@@ -993,3 +1007,41 @@ async def test_held_messages_wait_compactly_unless_turned_off(
         assert part.store.cold == (1 if compact_after_s is not None else 0)
         await until(lambda: len(delivered(kafka)) == 1, timeout=10)
     assert ids(delivered(kafka)) == [req.message_id]
+
+
+async def test_a_released_ids_reader_whose_start_fails_is_stopped(kafka: FakeKafka) -> None:
+    """Claiming a partition reads the released-ids topic with a consumer of its own. When
+    that consumer's start fails (or the claim is cut short while it starts), it may hold
+    connections already: it is stopped like one that started, so none is left open for
+    the garbage collector to find."""
+    s = settings()
+    req = request(delay_s=0.2)
+    topic = await publish(kafka, s, req)
+
+    def the_reader(client: Any, **_: Any) -> bool:  # the main consumer sets fetch sizes
+        return "fetch_max_wait_ms" not in client.options
+
+    kafka.faults.add("consumer.start", raises=KafkaConnectionError(), times=1,
+                     when=the_reader)
+    async with running(s, kafka, topic):
+        await until(lambda: len(delivered(kafka)) == 1)  # claimed on the next try
+    readers = [c for c in kafka.clients if c.kind == "consumer" and the_reader(c)]
+    assert len(readers) >= 2 and not readers[0].started  # the one whose start failed
+    assert all(c.closed for c in kafka.clients if c.kind == "consumer")
+
+
+async def test_an_ids_reader_whose_start_fails_is_stopped_on_close(kafka: FakeKafka) -> None:
+    """The republisher's ids-topic consumer, likewise: its start fails, the republisher's
+    start raises, and its close (what a bucket actor runs after every failed start)
+    stops that consumer too."""
+    s = settings()
+    topic = await publish(kafka, s, request(delay_s=0.2))
+    kafka.faults.add("consumer.start", raises=KafkaConnectionError(), times=1,
+                     when=lambda client, **_: client.options.get("fetch_max_wait_ms") == 20)
+    rep = BucketRepublisher(s, topic, 0, 1, clients=kafka)
+    with pytest.raises(KafkaConnectionError):
+        await rep.start()
+    await rep.close()
+    consumers = [c for c in kafka.clients if c.kind == "consumer"]
+    assert any(not c.started for c in consumers)  # the one whose start failed
+    assert all(c.closed for c in consumers)
