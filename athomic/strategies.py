@@ -87,11 +87,13 @@ def final_headers(request: PublishRequest, encoded: Encoded, *, due: bool = True
     return _final_headers(request, encoded, due=due)[0]
 
 
-HeaderMemo = dict[int, tuple[list[tuple[str, bytes]], list[tuple[str, bytes]], int, float,
-                             bytes, str | None, bytes | None]]
-"""What the requests of one call share, worked out once (``_final_headers``): per headers
-list (by ``id``), the list itself, its entries athomic does not own and their bytes, the
-publish time and its header value, the content type and its header value."""
+HeaderMemo = dict[tuple[int, float, str | None],
+                  tuple[list[tuple[str, bytes]], list[tuple[str, bytes]], int, bytes,
+                        bytes | None]]
+"""What the requests of one call share, worked out once (``_final_headers``): by headers
+list (its ``id``), publish time and content type, the list itself (held, so its id is not
+reused while the memo lives), its entries athomic does not own and their bytes, and the
+publish-time and content-type header values."""
 
 
 def _final_headers(request: PublishRequest, encoded: Encoded, *, due: bool = True,
@@ -100,19 +102,19 @@ def _final_headers(request: PublishRequest, encoded: Encoded, *, due: bool = Tru
     added, not summed again when the record's size is checked). ``memo``: one dict per
     call; the requests of a batch share their headers list (what the handle captured),
     publish time and content type, which are then filtered and encoded once."""
-    shared = None if memo is None else memo.get(id(request.headers))
-    if (shared is None or shared[0] is not request.headers
-            or shared[3] != request.published_at or shared[5] != request.content_type):
+    key = (id(request.headers), request.published_at, request.content_type)
+    shared = None if memo is None else memo.get(key)
+    if shared is None:
         kept = [h for h in request.headers if h[0] not in _OWNED]
+        kind = request.content_type
         # Epoch milliseconds of the publish call, fixed on the caller's side; kept
         # through delays, so it is the original publish time.
-        kind = request.content_type
         shared = (request.headers, kept, sum(len(k) + len(v) for k, v in kept),
-                  request.published_at, str(round(request.published_at * 1000)).encode(),
-                  kind, None if kind is None else kind.encode())
+                  str(round(request.published_at * 1000)).encode(),
+                  None if kind is None else kind.encode())
         if memo is not None:
-            memo[id(request.headers)] = shared
-    _, kept, size, _, published_at, _, content_type = shared
+            memo[key] = shared
+    _, kept, size, published_at, content_type = shared
     headers = kept.copy()
     message_id = request.message_id.encode()
     priority = _PRIORITY_BYTES[request.priority]

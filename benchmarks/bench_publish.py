@@ -351,24 +351,25 @@ def main() -> None:
                 ray.get(handle.publish.remote(topic=topic + ".ath1", message=m, key=f"k{i}"))
             results["athomic_single"].append(args.single / (time.perf_counter() - start))
 
-            n, size, flight = args.batches * args.batch_size, args.batch_size, args.in_flight
+            per_call, flight = args.batch_size, args.in_flight
+            n = args.batches * per_call
             batch_variants: list[tuple[str, Callable[..., float], tuple[Any, ...]]] = [
                 ("aiokafka_batch", in_loop(aiokafka_batches),
-                 (bootstrap, topic + ".rawb", args.batches, size)),
+                 (bootstrap, topic + ".rawb", args.batches, per_call)),
                 ("aiokafka_record_batch", in_loop(aiokafka_record_batches),
-                 (bootstrap, topic + ".rawr", args.batches, size)),
+                 (bootstrap, topic + ".rawr", args.batches, per_call)),
                 ("minimal_actor_batch", minimal_batches,
-                 (minimal, topic + ".minb", args.batches, size, 1)),
+                 (minimal, topic + ".minb", args.batches, per_call, 1)),
                 ("minimal_actor_batch_pipelined", minimal_batches,
-                 (minimal, topic + ".minp", args.batches, size, flight)),
+                 (minimal, topic + ".minp", args.batches, per_call, flight)),
                 ("athomic_batch", athomic_batches,
-                 (handle, topic + ".athb", args.batches, size, 1)),
+                 (handle, topic + ".athb", args.batches, per_call, 1)),
                 ("athomic_batch_pipelined", athomic_batches,
-                 (handle, topic + ".athp", args.batches, size, flight)),
+                 (handle, topic + ".athp", args.batches, per_call, flight)),
             ]
             if pool is not None:
                 batch_variants.append(("athomic_batch_pipelined_pool", athomic_batches,
-                                       (pool, topic + ".athq", args.batches, size, flight)))
+                                       (pool, topic + ".athq", args.batches, per_call, flight)))
             for name, variant, variant_args in batch_variants:
                 results[name].append(metered(name, n, variant, *variant_args))
             for size in sizes:

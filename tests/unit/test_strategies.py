@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from athomic import DirectPublishStrategy, MessageHeaders, MessagePriority, MessagingSettings
+from athomic.envelope import decode
 from athomic.messages import PublishRequest
 from athomic.pipeline import Encoded
-from athomic.strategies import DelayedPublishStrategy, physical_topic
+from athomic.strategies import DelayedPublishStrategy, HeaderMemo, physical_topic
 
 
 def request(priority: MessagePriority = MessagePriority.NORMAL) -> PublishRequest:
@@ -149,12 +150,12 @@ def test_a_calls_shared_header_work_gives_each_record_its_own_headers() -> None:
         base._replace(message_id="id-6", headers=[("y", b"2")]),
         base._replace(message_id="id-7"),
     ]
-    encoded = [Encoded(b"v", []), Encoded(b"v", [("content-encoding", b"zstd")])] * 4
+    encoded = ([Encoded(b"v", []), Encoded(b"v", [("content-encoding", b"zstd")])] * 4)[:7]
     strategy = DirectPublishStrategy()
-    memo: dict = {}
+    memo: HeaderMemo = {}
     with_memo = [strategy.build(r, e, "orders", memo=memo)
-                 for r, e in zip(requests, encoded, strict=False)]
-    alone = [strategy.build(r, e, "orders") for r, e in zip(requests, encoded, strict=False)]
+                 for r, e in zip(requests, encoded, strict=True)]
+    alone = [strategy.build(r, e, "orders") for r, e in zip(requests, encoded, strict=True)]
     assert [(r.headers, r.size()) for r in with_memo] == \
         [(r.headers, r.size()) for r in alone]
     assert len({id(r.headers) for r in with_memo}) == len(with_memo)
@@ -162,11 +163,11 @@ def test_a_calls_shared_header_work_gives_each_record_its_own_headers() -> None:
     assert h3["athomic-published-at"] == b"2500" and h3["message-id"] == b"id-3"
     assert "content-type" not in MessageHeaders(with_memo[3].headers)
     assert MessageHeaders(with_memo[5].headers)["y"] == b"2"
-    assert len(memo) == 3  # one entry per distinct headers list
+    # one entry per distinct headers list, publish time and content type
+    assert len(memo) == 5
     settings = MessagingSettings(delay_topics={1: "d1", 10: "d10"})
     delayed = DelayedPublishStrategy(settings)
     late = [r._replace(deliver_at=r.published_at + 5) for r in requests]
-    from athomic.envelope import decode
     memo = {}
     assert [decode(delayed.build(r, Encoded(b"v", []), "orders", now=1.0,
                                  memo=memo).value or b"").headers for r in late] == \
