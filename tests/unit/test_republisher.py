@@ -1018,8 +1018,9 @@ async def test_a_released_ids_reader_whose_start_fails_is_stopped(kafka: FakeKaf
     req = request(delay_s=0.2)
     topic = await publish(kafka, s, req)
 
-    def the_reader(client: Any, **_: Any) -> bool:  # the main consumer sets fetch sizes
-        return "fetch_max_wait_ms" not in client.options
+    def the_reader(client: Any, **_: Any) -> bool:
+        # started after the republisher's own two (the ids topic's, the delay topic's)
+        return client in [c for c in kafka.clients if c.kind == "consumer"][2:]
 
     kafka.faults.add("consumer.start", raises=KafkaConnectionError(), times=1,
                      when=the_reader)
@@ -1028,6 +1029,30 @@ async def test_a_released_ids_reader_whose_start_fails_is_stopped(kafka: FakeKaf
     readers = [c for c in kafka.clients if c.kind == "consumer" and the_reader(c)]
     assert len(readers) >= 2 and not readers[0].started  # the one whose start failed
     assert all(c.closed for c in kafka.clients if c.kind == "consumer")
+
+
+async def test_the_released_ids_topic_is_looked_up_before_it_is_fetched(
+        kafka: FakeKafka) -> None:
+    """A claim looks up where to read the released-ids topic from (its end, the offset of
+    a time) while its reader does not fetch the partition: a broker answers the requests
+    of a connection one at a time, and a fetch waiting at the end of the partition held
+    the lookups back for the fetch's whole wait (half a second, on the real broker, in a
+    third of the claims)."""
+    s = settings()
+    topic = await publish(kafka, s, request(delay_s=0.2))
+    paused_at_lookup: list[bool] = []
+
+    def lookup(client: Any, **call: Any) -> bool:
+        tps = list(call.get("partitions") or call.get("timestamps") or ())
+        if any(tp.topic == s.released_topic for tp in tps):
+            paused_at_lookup.append(set(tps) <= client.paused())
+        return False  # watched, not failed
+
+    kafka.faults.add("consumer.end_offsets", when=lookup)
+    kafka.faults.add("consumer.offsets_for_times", when=lookup)
+    async with running(s, kafka, topic):
+        await until(lambda: len(delivered(kafka)) == 1)
+    assert len(paused_at_lookup) == 2 and all(paused_at_lookup)
 
 
 async def test_an_ids_reader_whose_start_fails_is_stopped_on_close(kafka: FakeKafka) -> None:
