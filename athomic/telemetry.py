@@ -871,6 +871,11 @@ class Telemetry:
         check reads the environment)."""
         return self.tracer is not None and self._tracing_installed()
 
+    def metering(self) -> bool:
+        """Whether metric points recorded now would go anywhere (checked once per batch of
+        work, as ``tracing``)."""
+        return self.metrics and self._metrics_installed()
+
     def _tracing_installed(self) -> bool:
         """False while spans would go nowhere: no provider of ours and no SDK installed in
         this process (the API's default). Checked per call, since an application may

@@ -803,8 +803,11 @@ class BucketRepublisher:
         for h in deferred:
             h.release_ms = now + 100
             self._push(part, h)
-        send = [h for h in send if all(h is not d for d in deferred)] + spilled
-        skip = [h for h in skip if all(h is not d for d in deferred)]
+        if deferred:
+            out = {id(h) for h in deferred}
+            send = [h for h in send if id(h) not in out]
+            skip = [h for h in skip if id(h) not in out]
+        send += spilled
         if not send and not skip:
             return
         await self._run(part, send, skip, offsets, now)
@@ -830,15 +833,18 @@ class BucketRepublisher:
         due.sort(key=_due_order)
         # Per key, due order (then offset) wins over priority: among the final records of
         # a key, and among its forwarded ones (a hop lands after the key's earlier ones).
-        by_key: dict[bytes, list[int]] = {}
+        first: dict[bytes, int] = {}
+        repeated: dict[bytes, list[int]] = {}  # keys of several messages: their slots
         for i, h in enumerate(due):
-            if h.action in (FINAL, CASCADE) and h.env is not None and h.env.key is not None:
-                by_key.setdefault(h.env.key, []).append(i)
-        for slots in by_key.values():
-            if len(slots) > 1:
-                ordered = sorted((due[i] for i in slots), key=_key_order)
-                for i, h in zip(slots, ordered, strict=True):
-                    due[i] = h
+            env = h.env
+            if env is not None and env.key is not None and h.action in (FINAL, CASCADE):
+                at = first.setdefault(env.key, i)
+                if at != i:
+                    repeated.setdefault(env.key, [at]).append(i)
+        for slots in repeated.values():
+            ordered = sorted((due[i] for i in slots), key=_key_order)
+            for i, h in zip(slots, ordered, strict=True):
+                due[i] = h
         # per key: the earliest message sent back into this partition in this batch (a hop
         # into this bucket): later ones of its key wait for its copy
         back: dict[bytes, tuple[int, int]] = {}
@@ -1256,7 +1262,8 @@ class BucketRepublisher:
                 if h.env is not None and h.env.key is not None:
                     self._copy_back(part, h.env.key, h.env.message_id, None)
         counts, recent, lateness = self.counts, part.recent, self.lateness
-        metrics = self.telemetry.metrics
+        # per message below: skipped while its points would go nowhere (no SDK, no mirror)
+        metrics = self.telemetry.metering()
         for h in send:
             if h.spill:
                 counts[RESTAGE] += 1

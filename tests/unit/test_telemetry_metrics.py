@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry import metrics as otel_metrics
+from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
@@ -400,3 +402,15 @@ def test_otlp_without_its_package_is_a_configuration_error(
     with pytest.raises(ConfigurationError, match="athomic-ray\\[otlp\\]"):
         Telemetry.from_settings(settings)
     check_exporter(MessagingSettings().telemetry)  # the default needs nothing
+
+
+def test_metering_says_whether_points_go_anywhere(reader: InMemoryMetricReader,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The republisher records a lateness point per message only while ``metering()``: a
+    provider of its own (or an SDK installed, or the Ray mirror) takes them; with none,
+    the API's default would drop each after building its attributes."""
+    assert telemetry(reader).metering()
+    assert not telemetry(reader, metrics=False).metering()
+    monkeypatch.setattr(otel_metrics, "get_meter_provider", NoOpMeterProvider)
+    bare = Telemetry(TelemetrySettings(), servers=["broker-1:9093"])
+    assert bare.metrics and not bare.metering()
