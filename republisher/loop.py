@@ -746,9 +746,8 @@ class BucketRepublisher:
             await self._bounded(reader.start())
             reader.assign([mtp])
             # Not fetched until it is positioned: the broker answers one request of a
-            # connection at a time, and a fetch at the end of the partition waits there
-            # (up to 500 ms with the client's default) with the offset lookups queued
-            # behind it. A third of the claims took half a second longer so.
+            # connection at a time, and a fetch at the end of the partition waits there for
+            # its whole wait (500 ms with the client's default), the lookups queued behind.
             reader.pause(mtp)
             end = (await self._bounded(reader.end_offsets([mtp])))[mtp]
             found = (await self._bounded(reader.offsets_for_times({mtp: now_ms() - window})
