@@ -779,18 +779,16 @@ class Telemetry:
     def _record_publish(self, requests: Sequence[PublishRequest], topics: Sequence[str],
                         prepared: Sequence[tuple[OutgoingRecord, PublishingOutcome]],
                         results: Sequence[Any], batch: bool, seconds: float) -> None:
-        # counted by the members themselves; their names are read once per distinct key
-        tally: dict[tuple[str, Any, MessagePriority, str | None], int] = {}
+        # counted by the members themselves (no outcome: failed, with its error type);
+        # their names are read once per distinct key
+        tally: dict[tuple[str, PublishingOutcome | None, MessagePriority, str | None], int] = {}
         for request, topic, (_, outcome), result in zip(requests, topics, prepared, results,
                                                         strict=True):
-            key: tuple[str, Any, MessagePriority, str | None]
-            if isinstance(result, BaseException):
-                key = (topic, FAILED, request.priority, error_type(result))
-            else:
-                key = (topic, outcome, request.priority, None)
+            key = ((topic, None, request.priority, error_type(result))
+                   if isinstance(result, BaseException)
+                   else (topic, outcome, request.priority, None))
             tally[key] = tally.get(key, 0) + 1
-        counts = {(topic, outcome.value if isinstance(outcome, PublishingOutcome)
-                   else outcome, priority.value, kind): n
+        counts = {(topic, FAILED if outcome is None else outcome.value, priority.value, kind): n
                   for (topic, outcome, priority, kind), n in tally.items()}
         first_error: str | None = None
         for (topic, outcome_name, priority, kind), n in counts.items():
