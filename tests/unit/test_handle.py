@@ -139,6 +139,76 @@ def test_validation_before_anything_is_submitted() -> None:
     assert all(not a.calls for group in lanes.values() for a in group)
 
 
+def _batch_requests(handle: ProducerHandle, lanes: dict[str, list[FakeActor]],
+                    items: list[dict[str, Any]], **defaults: Any) -> list[PublishRequest]:
+    handle.publish_batch.remote(items, **defaults)
+    (call,) = [c for group in lanes.values() for a in group for c in a.calls]
+    for group in lanes.values():
+        for actor in group:
+            actor.calls.clear()
+    return list(call[0])
+
+
+def test_a_plain_batch_item_is_built_as_publish_builds_it() -> None:
+    """Items of only a topic, a message, a key and a priority are built in the batch's
+    own loop; each request equals the one ``_request`` builds from the same arguments,
+    field for field but the id and the publish time."""
+    handle, lanes = make()
+    items: list[dict[str, Any]] = [
+        {"message": {"a": 1}, "key": "k"}, {"message": "text", "key": b"b"},
+        {"message": b"raw", "key": 7}, {"message": None}, {"key": "only"},
+        {"message": [1, 2], "priority": "normal"}, {"message": 1, "topic": "other"}]
+    built = _batch_requests(handle, lanes, items, topic="t")
+    now = time.time()
+    for item, request in zip(items, built, strict=True):
+        expected = handle._request(**{"topic": "t", **item}, now=now, auto_id="x")
+        assert request._replace(message_id="x", published_at=now) == expected
+        assert request.headers is built[0].headers  # one captured list for the batch
+    ids = [r.message_id for r in built]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+
+
+@pytest.mark.parametrize(("item", "error"), [
+    ({"message": 1}, "topic is required"), ({"topic": "a b", "message": 1}, "a b"),
+    ({"topic": "t", "priority": "urgent"}, "unknown priority"),
+    ({"topic": "t", "message": {"x": object()}}, "cannot serialise"),
+    ({"topic": "t", "key": 2.0}, "key must be"),
+    ({"topic": "t", "message": 1, "mesage": 2}, "unknown publish arguments")])
+def test_a_bad_item_after_plain_ones_is_named_by_its_index(item: dict[str, Any],
+                                                            error: str) -> None:
+    handle, lanes = make()
+    plain = [{"topic": "t", "message": i, "key": f"k{i}"} for i in range(3)]
+    with pytest.raises((ValidationError, SerializationError), match=f"message #3: .*{error}"):
+        handle.publish_batch.remote([*plain, item, *plain])
+    assert all(not a.calls for group in lanes.values() for a in group)
+
+
+def test_captured_context_over_the_cap_fails_a_plain_batch_at_its_first_item() -> None:
+    handle, lanes = make(producer={"max_headers": 1})
+    with pytest.raises(InvalidHeaderError, match="message #0: headers exceed"):
+        handle.publish_batch.remote([{"message": i} for i in range(3)], topic="t")
+    assert all(not a.calls for group in lanes.values() for a in group)
+
+
+def test_a_batch_of_plain_and_other_items_splits_by_lane_in_order(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    merged: list[Any] = []
+    monkeypatch.setattr("athomic._handle._merge_lanes",
+                        type("Merge", (), {"remote": lambda *a: merged.append(a) or "m"}))
+    handle, lanes = make(delay_topics={1: "d1"})
+    items: list[dict[str, Any]] = [
+        {"message": 0}, {"message": 1, "priority": "high"},
+        {"message": 2, "headers": {"h": "v"}}, {"message": 3, "delay_seconds": 0.5}]
+    ref = handle.publish_batch.remote(items, topic="t")
+    high = [c[0] for a in lanes["high"] for c in a.calls]
+    normal = [c[0] for a in lanes["normal"] for c in a.calls]
+    assert ref == "m" and len(high) == 1 and len(normal) == 1
+    assert sorted(merged[0][0]) == [[0, 2, 3], [1]]  # each lane's positions in the batch
+    assert [r.value for r in high[0]] == [b"1"]
+    assert [r.value for r in normal[0]] == [b"0", b"2", b"3"]
+    assert dict(normal[0][1].headers)["h"] == b"v" and normal[0][2].deliver_at is not None
+
+
 def test_no_delay_topics_means_not_implemented() -> None:
     handle, _ = make()
     with pytest.raises(NotImplementedError):
