@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import time
@@ -212,6 +213,17 @@ class ProducerActor:
         replica when stages are placed on actors), bound to each message's final topic.
         ``observe`` wraps each run of stages (pipeline spans)."""
         limit = self.settings.producer.max_request_size
+        if not self.pipeline.stages and all(r.deliver_at is None for r in requests):
+            # direct, and no byte stage: each serialised value is its record's value
+            records = self.direct.build_all(requests, topics)
+            for i, record in enumerate(records):
+                size = record.size()
+                if size > limit:
+                    raise RecordTooLargeError(
+                        f"record for {record.topic!r} is {size} bytes, over "
+                        f"producer.max_request_size={limit}", size=size, limit=limit,
+                        index=i if len(requests) > 1 else None)
+            return list(zip(records, itertools.repeat(self.direct.outcome), strict=False))
         encoded: list[Encoded]
         if self.pipeline.stages:
             items = [EncodeItem(r.value, topic, r.key, r.message_id, r.content_type or "")
@@ -383,13 +395,12 @@ class ProducerActor:
         except BaseException as exc:
             recorder.abort(exc)
             raise
-        for i, r in enumerate(results):
-            if isinstance(r, BaseException):
-                results[i] = translate(r, topic=prepared[i][0].topic)
-        failures = {i: f"{kafka_error_name(r)}: {r}" for i, r in enumerate(results)
-                    if isinstance(r, BaseException)}
-        outcomes = [None if isinstance(results[i], BaseException) else outcome
-                    for i, (_, outcome) in enumerate(prepared)]
+        failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
+        outcomes: list[PublishingOutcome | None] = [outcome for _, outcome in prepared]
+        for i in failed:
+            results[i] = translate(results[i], topic=prepared[i][0].topic)
+            outcomes[i] = None
+        failures = {i: f"{kafka_error_name(results[i])}: {results[i]}" for i in failed}
         self._sent += len(requests) - len(failures)
         if failures:
             self._failed += len(failures)

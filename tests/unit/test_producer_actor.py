@@ -5,6 +5,7 @@ unbounded. (The happy paths run against the real broker in tests/integration.)""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
@@ -87,6 +88,25 @@ async def test_a_record_the_client_refuses_as_too_large_is_typed(kafka: FakeKafk
     with pytest.raises(RecordTooLargeError):
         await a.publish(request())
     assert kafka.records("orders") == []
+
+
+@pytest.mark.parametrize("stages", [False, True])
+async def test_a_record_over_max_request_size_fails_its_batch_before_anything_is_sent(
+        kafka: FakeKafka, stages: bool) -> None:
+    """With or without byte stages (two ways to build a batch's records), a record over
+    ``producer.max_request_size`` fails the call, naming its index; nothing is sent."""
+    stage = [{"stage": "serialize"}, {"stage": "compress"}] if stages else None
+    a = actor(kafka, producer={"max_request_size": 2048},
+              **({"pipeline": stage} if stage else {}))
+    assert bool(a.pipeline.stages) is stages
+    big = os.urandom(4000)  # random: compression cannot shrink it
+    requests = [request()._replace(value=big if i == 2 else b"v", message_id=f"id-{i}")
+                for i in range(4)]
+    with pytest.raises(RecordTooLargeError, match="message #2") as caught:
+        await a.publish_batch(requests)
+    assert caught.value.index == 2
+    assert kafka.records("orders") == []
+    assert await a.publish_batch(requests[:2]) == [PublishingOutcome.SUCCESS_DIRECT] * 2
 
 
 async def test_an_ack_that_fails_is_a_publish_error(kafka: FakeKafka) -> None:

@@ -173,3 +173,26 @@ def test_a_calls_shared_header_work_gives_each_record_its_own_headers() -> None:
                                  memo=memo).value or b"").headers for r in late] == \
         [decode(delayed.build(r, Encoded(b"v", []), "orders", now=1.0).value or b"").headers
          for r in late]
+
+
+def test_a_batch_without_byte_stages_builds_the_records_build_gives() -> None:
+    """``build_all`` (a call's direct requests whose values passed no byte stage) gives
+    each request the record ``build`` gives it, headers, size and all."""
+    shared = [("traceparent", b"00-" + b"a" * 32 + b"-" + b"b" * 16 + b"-01"),
+              ("message-id", b"spoofed")]
+    base = request()._replace(headers=shared)
+    requests = [base._replace(message_id=f"id-{i}", key=None if i == 1 else b"k%d" % i,
+                              value=None if i == 2 else b"v%d" % i,
+                              schema="m:M" if i == 3 else None,
+                              content_type=None if i == 4 else "application/json",
+                              headers=[("y", b"2")] if i == 5 else shared,
+                              priority=MessagePriority.HIGH if i == 6 else base.priority)
+                for i in range(8)]
+    topics = [f"t{i % 2}" for i in range(8)]
+    strategy = DirectPublishStrategy()
+    built = strategy.build_all(requests, topics)
+    alone = [strategy.build(r, Encoded(r.value, []), t)
+             for r, t in zip(requests, topics, strict=True)]
+    assert [(r.topic, r.key, r.value, r.headers, r.size()) for r in built] == \
+        [(r.topic, r.key, r.value, r.headers, r.size()) for r in alone]
+    assert len({id(r.headers) for r in built}) == len(built)
