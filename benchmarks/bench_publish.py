@@ -26,6 +26,10 @@
    shuffled order each round, so the machine's drift between blocks does not enter the
    ratios; medians of the latencies. Each variant has its own actor, called once a round:
    an actor called more often answers faster (its process stays warm).
+6. Batches again, interleaved block by block (``--interleaved-batches``, ``--block``):
+   in-process aiokafka, the minimal actor, athomic with one call and with ``--in-flight``
+   calls in flight, ``--block`` batches each in a shuffled order each round; per run, the
+   median over the rounds of each round's ratio.
 
 Each run measures every variant, interleaved; figures are medians with the per-run spread.
 For the batch variants it also gives the CPU the whole machine spent per message (every
@@ -180,15 +184,21 @@ def minimal_batches(actor: Any, topic: str, batches: int, size: int, in_flight: 
                     ) -> float:
     # the topic is created before the clock starts, as the baselines' are (~0.1 s here)
     assert ray.get(actor.publish_batch.remote(topic, [(b"warm", b"{}")])) == 1
+    return batches * size / minimal_run(actor, topic, 0, batches, size, in_flight)
+
+
+def minimal_run(actor: Any, topic: str, first: int, batches: int, size: int,
+                in_flight: int) -> float:
+    """Seconds for batches ``first`` .. ``first + batches - 1`` through the minimal actor."""
     start = time.perf_counter()
     pending: list[Any] = []
-    for b in range(batches):
+    for b in range(first, first + batches):
         records = [(f"k{i}".encode(), orjson.dumps(event(b * size + i))) for i in range(size)]
         if len(pending) >= in_flight:
             assert ray.get(pending.pop(0)) == size
         pending.append(actor.publish_batch.remote(topic, records))
     assert ray.get(pending) == [size] * len(pending)
-    return batches * size / (time.perf_counter() - start)
+    return time.perf_counter() - start
 
 
 async def aiokafka_single(bootstrap: str, topic: str, n: int) -> float:
@@ -204,17 +214,22 @@ async def aiokafka_single(bootstrap: str, topic: str, n: int) -> float:
         await producer.stop()
 
 
+async def aiokafka_batch(producer: AIOKafkaProducer, topic: str, b: int, size: int) -> None:
+    """Batch ``b`` of ``size`` through a plain producer: serialise and ``send`` every
+    message (the same work athomic does per message), then await every acknowledgement."""
+    futures = [await producer.send(topic, orjson.dumps(event(b * size + i)),
+                                   key=f"k{i}".encode())
+               for i in range(size)]
+    await asyncio.gather(*futures)
+
+
 async def aiokafka_batches(bootstrap: str, topic: str, batches: int, size: int) -> float:
     producer = await plain_producer(bootstrap, 256 * 1024)
     try:
         await producer.send_and_wait(topic, b"warm")
         start = time.perf_counter()
         for b in range(batches):
-            # the same work athomic does per message: serialise, then send
-            futures = [await producer.send(topic, orjson.dumps(event(b * size + i)),
-                                           key=f"k{i}".encode())
-                       for i in range(size)]
-            await asyncio.gather(*futures)
+            await aiokafka_batch(producer, topic, b, size)
         return batches * size / (time.perf_counter() - start)
     finally:
         await producer.stop()
@@ -262,16 +277,66 @@ def athomic_batches(handle: Any, topic: str, batches: int, size: int, in_flight:
     # the baselines' topics are: its creation took ~0.1 s here, a fifth of a measurement
     ray.get([handle.publish_batch.remote([{"message": {"warm": 1}}], topic=topic)
              for _ in range(in_flight)])
+    return batches * size / athomic_run(handle, topic, 0, batches, size, in_flight)
+
+
+def athomic_run(handle: Any, topic: str, first: int, batches: int, size: int,
+                in_flight: int) -> float:
+    """Seconds for batches ``first`` .. ``first + batches - 1`` through athomic."""
     start = time.perf_counter()
     pending: list[Any] = []
-    for b in range(batches):
+    for b in range(first, first + batches):
         items = [{"message": event(b * size + i), "key": f"k{i}"} for i in range(size)]
         if len(pending) >= in_flight:
             assert ray.get(pending.pop(0))[-1] is PublishingOutcome.SUCCESS_DIRECT
         pending.append(handle.publish_batch.remote(items, topic=topic))
     for out in ray.get(pending):
         assert out[-1] is PublishingOutcome.SUCCESS_DIRECT
-    return batches * size / (time.perf_counter() - start)
+    return time.perf_counter() - start
+
+
+def interleaved_batches(bootstrap: str, handle: Any, minimal: Any, topic: str, rounds: int,
+                        block: int, size: int, in_flight: int) -> dict[str, list[float]]:
+    """Batches with the variants interleaved block by block: each round, in a shuffled
+    order, in-process aiokafka, the minimal actor and athomic one call in flight, and
+    athomic with ``in_flight`` calls, ``block`` batches each, so every variant sees the
+    same moment of this machine's load (the blocks above run minutes apart). Per variant
+    and round, the rate in msg/s; a round of blocks before them warms up, not counted."""
+    loop = asyncio.new_event_loop()
+    producer = loop.run_until_complete(plain_producer(bootstrap, 256 * 1024))
+    counter = iter(range(1_000_000))
+
+    def raw(first: int) -> float:
+        async def run() -> float:
+            start = time.perf_counter()
+            for b in range(first, first + block):
+                await aiokafka_batch(producer, topic + ".ibraw", b, size)
+            return time.perf_counter() - start
+        return loop.run_until_complete(run())
+
+    variants: dict[str, Callable[[int], float]] = {
+        "aiokafka": raw,
+        "minimal_actor": lambda first: minimal_run(minimal, topic + ".ibmin", first, block,
+                                                   size, 1),
+        "athomic": lambda first: athomic_run(handle, topic + ".ibath", first, block, size,
+                                             1),
+        f"athomic_{in_flight}_in_flight": lambda first: athomic_run(
+            handle, topic + ".ibathp", first, block, size, in_flight),
+    }
+    rates: dict[str, list[float]] = {k: [] for k in variants}
+    names = list(variants)
+    shuffle = random.Random(11).shuffle
+    try:
+        for r in range(rounds + 1):
+            shuffle(names)
+            for name in names:
+                seconds = variants[name](next(counter) * block)
+                if r:
+                    rates[name].append(block * size / seconds)
+    finally:
+        loop.run_until_complete(producer.stop())
+        loop.close()
+    return rates
 
 
 def main() -> None:
@@ -290,6 +355,10 @@ def main() -> None:
     parser.add_argument("--interleaved", type=int, default=2000,
                         help="calls per variant of the interleaved one-at-a-time "
                              "measurement, per run (0: skip)")
+    parser.add_argument("--interleaved-batches", type=int, default=8, metavar="ROUNDS",
+                        help="rounds of the interleaved batch measurement, per run (0: skip)")
+    parser.add_argument("--block", type=int, default=5,
+                        help="batches per variant and round of the interleaved batches")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     results: dict[str, list[float]] = {k: [] for k in (
@@ -315,6 +384,7 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",") if s]
     curve: dict[int, list[float]] = {s: [] for s in sizes}
     interleaved: list[dict[str, float]] = []
+    batch_rounds: list[dict[str, list[float]]] = []
     with kafka_and_ray() as bootstrap:
         conn = f"bench{uuid.uuid4().hex[:6]}"
         handle = ProducerFactory.create(MessagingSettings(bootstrap_servers=bootstrap,
@@ -390,6 +460,12 @@ def main() -> None:
                                                       topic, args.interleaved))
                 print(f"run {run}, interleaved median latency: " + ", ".join(
                     f"{k} {v:.0f} us" for k, v in interleaved[-1].items()), flush=True)
+            if args.interleaved_batches:
+                batch_rounds.append(interleaved_batches(
+                    bootstrap, handle, minimal, topic, args.interleaved_batches, args.block,
+                    per_call, flight))
+                print(f"run {run}, interleaved batches, median msg/s: " + ", ".join(
+                    f"{k} {median(v):.0f}" for k, v in batch_rounds[-1].items()), flush=True)
             print(f"run {run}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in results.items())
                   + "".join(f", batch {s} {curve[s][-1]:.0f}/s" for s in sizes), flush=True)
         ProducerFactory.shutdown(conn)
@@ -437,6 +513,16 @@ def main() -> None:
             value = (run["minimal_actor"] / run["athomic"] if key is None
                      else floor_us / run[key])
             ratios.setdefault(f"{name}, interleaved", []).append(value)
+    for rounds in batch_rounds:
+        # per run, the median over its rounds of each round's ratio (the variants of a
+        # round ran within a second of each other)
+        base = rounds["aiokafka"]
+        for name, key in (("batch / aiokafka", "athomic"),
+                          ("batch, minimal actor / aiokafka", "minimal_actor"),
+                          (f"batch, {args.in_flight} in flight / aiokafka",
+                           f"athomic_{args.in_flight}_in_flight")):
+            ratios.setdefault(f"{name}, interleaved", []).append(
+                median([a / b for a, b in zip(rounds[key], base, strict=True)]))
     print(f"\n{args.runs} runs, 1 KiB JSON messages, acks=all, idempotent ({machine()})")
     print(f"{'variant':34} {'median msg/s':>12}  per run")
     for k, v in {**results, "floor (no-op call + send_and_wait)": floor}.items():
@@ -453,8 +539,9 @@ def main() -> None:
         print(f"{f'interleaved {k}, latency us':34} {median(values):>12.0f}  "
               f"{', '.join(f'{x:.0f}' for x in values)}")
     targets = {"single / floor": 0.85, "single / floor, interleaved": 0.85,
-               "batch / aiokafka": 0.7,
+               "batch / aiokafka": 0.7, "batch / aiokafka, interleaved": 0.7,
                f"batch, {args.in_flight} in flight / aiokafka": 1.0,
+               f"batch, {args.in_flight} in flight / aiokafka, interleaved": 1.0,
                f"batch, {args.in_flight} in flight, {args.pool} actors / aiokafka": 1.0}
     for name, values in ratios.items():
         target = f"; target >= {targets[name]}" if name in targets else ""
@@ -464,7 +551,8 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"runs": results, "floor": floor, "ratios": ratios,
                        "curve": {str(k): v for k, v in curve.items()},
-                       "interleaved_us": interleaved, "cpu_us_per_msg": cpu_us,
+                       "interleaved_us": interleaved, "interleaved_batches": batch_rounds,
+                       "cpu_us_per_msg": cpu_us,
                        "cores_busy": cores,
                        "in_flight": args.in_flight, "pool": args.pool,
                        "machine": machine()}, f, indent=2)
