@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from athomic._kafka import (
     AIOKAFKA,
@@ -217,12 +217,8 @@ class ProducerActor:
             # direct, and no byte stage: each serialised value is its record's value
             records = self.direct.build_all(requests, topics)
             for i, record in enumerate(records):
-                size = record.size()
-                if size > limit:
-                    raise RecordTooLargeError(
-                        f"record for {record.topic!r} is {size} bytes, over "
-                        f"producer.max_request_size={limit}", size=size, limit=limit,
-                        index=i if len(requests) > 1 else None)
+                if record.size() > limit:
+                    _too_large(record, limit, i if len(requests) > 1 else None)
             return list(zip(records, itertools.repeat(self.direct.outcome), strict=False))
         encoded: list[Encoded]
         if self.pipeline.stages:
@@ -248,11 +244,8 @@ class ProducerActor:
                 if index is not None:
                     exc.at_index(index)
                 raise
-            size = record.size()
-            if size > limit:
-                raise RecordTooLargeError(
-                    f"record for {record.topic!r} is {size} bytes, over "
-                    f"producer.max_request_size={limit}", size=size, limit=limit, index=index)
+            if record.size() > limit:
+                _too_large(record, limit, index)
             prepared.append((record, strategy.outcome))
         return prepared
 
@@ -468,6 +461,15 @@ class ProducerActor:
                 "pid": os.getpid(), "actor_id": actor_id, "niceness": os.nice(0),
                 "failed": self._failed, "started": self._producer is not None,
                 "time": time.time(), **gc_stats()}
+
+
+def _too_large(record: OutgoingRecord, limit: int, index: int | None) -> NoReturn:
+    """Raise RecordTooLargeError for a record over ``producer.max_request_size``
+    (``index``: its position in the call's batch), before anything of the call is sent."""
+    size = record.size()
+    raise RecordTooLargeError(
+        f"record for {record.topic!r} is {size} bytes, over "
+        f"producer.max_request_size={limit}", size=size, limit=limit, index=index)
 
 
 async def _quietly_stop(producer: KafkaProducer) -> None:
