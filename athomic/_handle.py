@@ -608,18 +608,15 @@ class ProducerHandle:
                           now=now, auto_id=ids[i]))
             except (ValidationError, SerializationError) as exc:
                 raise exc.at_index(i) from None
-        by_lane: dict[str, list[int]] = {}
-        priorities = {request.priority for request in requests}
-        if len({self._lane(priority) for priority in priorities}) > 1:
-            for i, request in enumerate(requests):
-                by_lane.setdefault(self._lane(request.priority), []).append(i)
-        elif requests:
-            by_lane[self._lane(requests[0].priority)] = []
-        if len(by_lane) <= 1:
-            lane = next(iter(by_lane), "normal")
+        lanes = {self._lane(priority) for priority in {r.priority for r in requests}}
+        if len(lanes) <= 1:
+            lane = next(iter(lanes), "normal")
             return self._submit(loop, lane, "publish_batch", requests, max(len(requests), 1))
         # HIGH must not wait behind the NORMAL part: each lane gets its own call, and a
         # task puts the outcomes back in the caller's order.
+        by_lane: dict[str, list[int]] = {}
+        for i, request in enumerate(requests):
+            by_lane.setdefault(self._lane(request.priority), []).append(i)
         parts = [(lane, idx, PublishRequests(requests[i] for i in idx))
                  for lane, idx in by_lane.items()]
         order = [idx for _, idx, _ in parts]

@@ -688,8 +688,7 @@ class Telemetry:
         requests in ``requests``, which must be the list later published)."""
         if self.tracer is None and not self.metrics:
             return _OFF
-        tracing = self.tracer is not None and self._tracing_installed()
-        metrics = self.metrics and self._metrics_installed()
+        tracing, metrics = self.tracing(), self.metering()
         if not tracing and not metrics:
             # Nowhere for spans or points to go: skip their work (~16 µs a call here).
             return PublishRecorder(None, requests, topics, batch)

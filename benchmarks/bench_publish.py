@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -304,7 +305,7 @@ def interleaved_batches(bootstrap: str, handle: Any, minimal: Any, topic: str, r
     and round, the rate in msg/s; a round of blocks before them warms up, not counted."""
     loop = asyncio.new_event_loop()
     producer = loop.run_until_complete(plain_producer(bootstrap, 256 * 1024))
-    counter = iter(range(1_000_000))
+    firsts = itertools.count(0, block)  # each block's first batch: its events differ
 
     def raw(first: int) -> float:
         async def run() -> float:
@@ -330,7 +331,7 @@ def interleaved_batches(bootstrap: str, handle: Any, minimal: Any, topic: str, r
         for r in range(rounds + 1):
             shuffle(names)
             for name in names:
-                seconds = variants[name](next(counter) * block)
+                seconds = variants[name](next(firsts))
                 if r:
                     rates[name].append(block * size / seconds)
     finally:
