@@ -297,12 +297,14 @@ def athomic_run(handle: Any, topic: str, first: int, batches: int, size: int,
 
 
 def interleaved_batches(bootstrap: str, handle: Any, minimal: Any, topic: str, rounds: int,
-                        block: int, size: int, in_flight: int) -> dict[str, list[float]]:
+                        block: int, size: int, in_flight: int, pool: Any = None
+                        ) -> dict[str, list[float]]:
     """Batches with the variants interleaved block by block: each round, in a shuffled
     order, in-process aiokafka, the minimal actor and athomic one call in flight, and
-    athomic with ``in_flight`` calls, ``block`` batches each, so every variant sees the
-    same moment of this machine's load (the blocks above run minutes apart). Per variant
-    and round, the rate in msg/s; a round of blocks before them warms up, not counted."""
+    athomic with ``in_flight`` calls (with ``pool``, also through its NORMAL lane),
+    ``block`` batches each, so every variant sees the same moment of this machine's load
+    (the blocks above run minutes apart). Per variant and round, the rate in msg/s; a
+    round of blocks before them warms up, not counted."""
     loop = asyncio.new_event_loop()
     producer = loop.run_until_complete(plain_producer(bootstrap, 256 * 1024))
     firsts = itertools.count(0, block)  # each block's first batch: its events differ
@@ -324,6 +326,9 @@ def interleaved_batches(bootstrap: str, handle: Any, minimal: Any, topic: str, r
         f"athomic_{in_flight}_in_flight": lambda first: athomic_run(
             handle, topic + ".ibathp", first, block, size, in_flight),
     }
+    if pool is not None:
+        variants[f"athomic_{in_flight}_in_flight_pool"] = lambda first: athomic_run(
+            pool, topic + ".ibpool", first, block, size, in_flight)
     rates: dict[str, list[float]] = {k: [] for k in variants}
     names = list(variants)
     shuffle = random.Random(11).shuffle
@@ -358,7 +363,7 @@ def main() -> None:
                              "measurement, per run (0: skip)")
     parser.add_argument("--interleaved-batches", type=int, default=8, metavar="ROUNDS",
                         help="rounds of the interleaved batch measurement, per run (0: skip)")
-    parser.add_argument("--block", type=int, default=5,
+    parser.add_argument("--block", type=int, default=10,
                         help="batches per variant and round of the interleaved batches")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
@@ -464,7 +469,7 @@ def main() -> None:
             if args.interleaved_batches:
                 batch_rounds.append(interleaved_batches(
                     bootstrap, handle, minimal, topic, args.interleaved_batches, args.block,
-                    per_call, flight))
+                    per_call, flight, pool))
                 print(f"run {run}, interleaved batches, median msg/s: " + ", ".join(
                     f"{k} {median(v):.0f}" for k, v in batch_rounds[-1].items()), flush=True)
             print(f"run {run}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in results.items())
@@ -521,7 +526,11 @@ def main() -> None:
         for name, key in (("batch / aiokafka", "athomic"),
                           ("batch, minimal actor / aiokafka", "minimal_actor"),
                           (f"batch, {args.in_flight} in flight / aiokafka",
-                           f"athomic_{args.in_flight}_in_flight")):
+                           f"athomic_{args.in_flight}_in_flight"),
+                          (f"batch, {args.in_flight} in flight, {args.pool} actors / aiokafka",
+                           f"athomic_{args.in_flight}_in_flight_pool")):
+            if key not in rounds:
+                continue
             ratios.setdefault(f"{name}, interleaved", []).append(
                 median([a / b for a, b in zip(rounds[key], base, strict=True)]))
     print(f"\n{args.runs} runs, 1 KiB JSON messages, acks=all, idempotent ({machine()})")
@@ -543,7 +552,9 @@ def main() -> None:
                "batch / aiokafka": 0.7, "batch / aiokafka, interleaved": 0.7,
                f"batch, {args.in_flight} in flight / aiokafka": 1.0,
                f"batch, {args.in_flight} in flight / aiokafka, interleaved": 1.0,
-               f"batch, {args.in_flight} in flight, {args.pool} actors / aiokafka": 1.0}
+               f"batch, {args.in_flight} in flight, {args.pool} actors / aiokafka": 1.0,
+               f"batch, {args.in_flight} in flight, {args.pool} actors / aiokafka, "
+               "interleaved": 1.0}
     for name, values in ratios.items():
         target = f"; target >= {targets[name]}" if name in targets else ""
         print(f"ratio {name:50} median {median(values):.2f} ({spread(values)}){target}")
