@@ -20,6 +20,7 @@ from athomic._kafka import (
     Batching,
     KafkaClients,
     KafkaProducer,
+    PartitionedProducer,
     acked_all,
     futures_of,
     kafka_error_name,
@@ -144,7 +145,7 @@ class ProducerActor:
 
     async def _start_producer(self) -> KafkaProducer:
         tuning = self.settings.producer
-        producer = self.clients.producer(
+        producers = [self.clients.producer(
             **self.settings.kafka_client_options(),
             acks=tuning.acks,
             enable_idempotence=tuning.enable_idempotence,
@@ -152,7 +153,8 @@ class ProducerActor:
             max_batch_size=tuning.max_batch_size,
             max_request_size=tuning.max_request_size,
             compression_type=tuning.compression_type,
-        )
+        ) for _ in range(tuning.connections)]
+        producer = producers[0] if len(producers) == 1 else PartitionedProducer(producers)
         try:
             await asyncio.wait_for(producer.start(), tuning.connect_timeout_s)
         except BaseException as exc:

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -57,6 +58,7 @@ __all__ = [
     "KafkaConsumer",
     "KafkaProducer",
     "OffsetAndMetadata",
+    "PartitionedProducer",
     "RecordMetadata",
     "TopicPartition",
     "TopicSpec",
@@ -244,6 +246,78 @@ def murmur2(data: bytes) -> int:
     h ^= h >> 13
     h = (h * _M) & _MASK
     return h ^ (h >> 15)
+
+
+class PartitionedProducer:
+    """Several producers as one: partition ``p`` of every topic is always sent through
+    ``producers[p % len(producers)]``, so each partition has one producer and keeps its
+    order (and its idempotent sequence) as with one. The client keeps one request in
+    flight per connection; with two, one producer's request is on the broker while the
+    other's is built and sent (BENCHMARKS.md, *Publishing*). ``send`` without a partition
+    picks it as the client's default partitioner does (murmur2 of the key; a random
+    partition for a record without one). Not transactional."""
+
+    def __init__(self, producers: Sequence[KafkaProducer]) -> None:
+        self.producers = list(producers)
+
+    async def start(self) -> None:
+        try:
+            for producer in self.producers:
+                await producer.start()
+        except BaseException:
+            for producer in self.producers:
+                with contextlib.suppress(Exception):
+                    await producer.stop()
+            raise
+
+    async def stop(self) -> None:
+        await _all(producer.stop() for producer in self.producers)
+
+    async def flush(self) -> None:
+        await _all(producer.flush() for producer in self.producers)
+
+    async def send(self, topic: str, value: bytes | None = None, key: bytes | None = None,
+                   partition: int | None = None, timestamp_ms: int | None = None,
+                   headers: list[tuple[str, bytes]] | None = None
+                   ) -> asyncio.Future[RecordMetadata]:
+        if partition is None:
+            count = len(await self.partitions_for(topic))
+            partition = (random.randrange(count) if key is None
+                         else partition_for_key(key, count))
+        return await self.producers[partition % len(self.producers)].send(
+            topic, value, key=key, partition=partition, timestamp_ms=timestamp_ms,
+            headers=headers)
+
+    def create_batch(self) -> Any:
+        return self.producers[0].create_batch()  # a batch belongs to no producer
+
+    async def send_batch(self, batch: Any, topic: str, *, partition: int
+                         ) -> asyncio.Future[RecordMetadata]:
+        return await self.producers[partition % len(self.producers)].send_batch(
+            batch, topic, partition=partition)
+
+    async def partitions_for(self, topic: str) -> set[int]:
+        return await self.producers[0].partitions_for(topic)
+
+    async def begin_transaction(self) -> None:
+        raise TypeError("a PartitionedProducer is not transactional")
+
+    async def commit_transaction(self) -> None:
+        raise TypeError("a PartitionedProducer is not transactional")
+
+    async def abort_transaction(self) -> None:
+        raise TypeError("a PartitionedProducer is not transactional")
+
+    async def send_offsets_to_transaction(
+            self, offsets: dict[TopicPartition, OffsetAndMetadata], group_id: str) -> None:
+        raise TypeError("a PartitionedProducer is not transactional")
+
+
+async def _all(calls: Iterable[Awaitable[None]]) -> None:
+    """Run ``calls`` together, each to its end; then raise the first error, if any."""
+    for result in await asyncio.gather(*calls, return_exceptions=True):
+        if isinstance(result, BaseException):
+            raise result
 
 
 class Batching:

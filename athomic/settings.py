@@ -98,6 +98,11 @@ class ProducerSettings(_Section):
     """How long a producer waits for the brokers before raising MessagingConnectionError."""
     compression_type: Literal["gzip", "snappy", "lz4", "zstd"] | None = None
     """Kafka's own batch compression (independent of the pipeline's compress stage)."""
+    connections: int = Field(2, ge=1, le=16)
+    """Kafka producers (each its own connection) per ProducerActor; partition ``p`` always
+    goes through producer ``p % connections``, so each partition keeps its order. The
+    client has one request in flight per connection: with two, the broker works on one
+    while the next is sent (batches with several calls in flight, BENCHMARKS.md)."""
     max_headers: int = Field(64, ge=1)
     max_header_bytes: int = Field(16 * 1024, ge=64)
 

@@ -192,7 +192,9 @@ async def test_concurrent_first_calls_start_one_producer(kafka: FakeKafka) -> No
     a = actor(kafka)
     outcomes = await asyncio.gather(*(a.publish(request()) for _ in range(5)))
     assert outcomes == [PublishingOutcome.SUCCESS_DIRECT] * 5
-    assert sum(1 for c in kafka.clients if type(c).__name__ == "FakeProducer") == 1
+    # one start: a producer per connection, each started once
+    producers = [c for c in kafka.clients if type(c).__name__ == "FakeProducer"]
+    assert len(producers) == a.settings.producer.connections == 2
 
 
 # --- calls of BATCH_FROM records or more go out as one record batch per partition ---------
@@ -306,3 +308,88 @@ async def test_a_batch_too_large_for_its_topic_fails_only_the_record_too_large(
     assert "MessageSizeTooLarge" in caught.value.failures[7]
     assert [r.value for r in kafka.records("small")] == [
         r.value for i, r in enumerate(reqs) if i != 7]
+
+
+# --- several connections ---------------------------------------------------------------
+def watch_sends(kafka: FakeKafka, topic: str) -> dict[int, set[int]]:
+    """Filled as records are sent: per producer (its place among the FakeProducers), the
+    partitions it sent to (``None``: the client's choice)."""
+    seen: dict[int, set[int]] = {}
+
+    def saw(client: Any, **call: Any) -> bool:
+        if call["topic"] == topic:
+            producers = [c for c in kafka.clients if type(c).__name__ == "FakeProducer"]
+            seen.setdefault(producers.index(client), set()).add(call["partition"])
+        return False  # a watch, not a fault
+
+    for name in ("producer.send", "producer.send_batch"):
+        kafka.faults.add(name, when=saw)
+    return seen
+
+
+async def test_each_partition_goes_through_one_of_the_connections(kafka: FakeKafka
+                                                                  ) -> None:
+    a = actor(kafka, producer={"connections": 2})
+    sends = watch_sends(kafka, "orders")
+    keys = [f"user-{i}".encode() for i in range(60)]
+    batch = [request(key=k, value=str(i).encode()) for i, k in enumerate(keys)]
+    assert await a.publish_batch(batch) == [PublishingOutcome.SUCCESS_DIRECT] * 60
+    for i, k in enumerate(keys[:6]):  # one at a time: send(), its partition picked here
+        assert await a.publish(request(key=k, value=f"single-{i}".encode())) is (
+            PublishingOutcome.SUCCESS_DIRECT)
+    assert sends == {0: {0, 2}, 1: {1}}  # partition p through connection p % 2
+    # partitioned as the client partitions a keyed record, batch and single alike
+    records = kafka.records("orders")
+    assert len(records) == 66
+    for record in records:
+        assert record.partition == (murmur2(record.key) & 0x7FFFFFFF) % 3
+    # a key's records in the order they were published
+    for k in keys[:6]:
+        values = [r.value for r in records if r.key == k]
+        assert values[-1].startswith(b"single-") and len(values) == 2
+    await a.stop()
+    assert kafka.open_clients() == []
+
+
+async def test_one_connection_is_one_plain_producer(kafka: FakeKafka) -> None:
+    a = actor(kafka, producer={"connections": 1})
+    sends = watch_sends(kafka, "orders")
+    await a.publish_batch([request(key=f"k{i}".encode()) for i in range(30)])
+    assert await a.publish(request(key=None)) is PublishingOutcome.SUCCESS_DIRECT
+    # the client picks a single record's partition itself (None), as without athomic
+    assert sends == {0: {0, 1, 2, None}}
+    await a.stop()
+
+
+async def test_keyless_records_over_several_connections_land_on_every_partition(
+        kafka: FakeKafka) -> None:
+    a = actor(kafka, producer={"connections": 2})
+    sends = watch_sends(kafka, "orders")
+    for _ in range(40):
+        assert await a.publish(request(key=None)) is PublishingOutcome.SUCCESS_DIRECT
+    assert {r.partition for r in kafka.records("orders")} == {0, 1, 2}
+    assert sends == {0: {0, 2}, 1: {1}}
+    await a.stop()
+
+
+async def test_a_connection_that_cannot_start_leaves_none_open(kafka: FakeKafka) -> None:
+    starts = iter(range(100))
+    kafka.faults.add("producer.start", raises=KafkaConnectionError, times=1,
+                     when=lambda **_: next(starts) == 1)  # the second connection's
+    a = actor(kafka, producer={"connections": 2})
+    with pytest.raises(MessagingConnectionError):
+        await a.publish(request())
+    assert kafka.open_clients() == []  # the first, started, was stopped again
+    assert await a.publish(request()) is PublishingOutcome.SUCCESS_DIRECT  # next call
+    await a.stop()
+    assert kafka.open_clients() == []
+
+
+async def test_stop_closes_every_connection_even_when_one_fails_to_flush(
+        kafka: FakeKafka) -> None:
+    a = actor(kafka, producer={"connections": 3})
+    await a.publish_batch([request(key=f"k{i}".encode()) for i in range(30)])
+    kafka.faults.add("producer.flush", raises=KafkaConnectionError, times=1)
+    with pytest.raises(KafkaConnectionError):
+        await a.stop()
+    assert kafka.open_clients() == []
