@@ -1,4 +1,4 @@
-"""ProducerActor: one aiokafka producer, the pipeline, and the publishing strategies.
+"""ProducerActor: its aiokafka producers, the pipeline, and the publishing strategies.
 
 A plain class (testable without Ray); ``athomic.actors.topology`` makes it a Ray actor.
 """
@@ -85,7 +85,8 @@ def _refused_in_batches(sent: list[Any], futures: dict[int, asyncio.Future[Any]]
 
 
 class ProducerActor:
-    """Publishes messages to Kafka through one idempotent aiokafka producer.
+    """Publishes messages to Kafka through idempotent aiokafka producers: one per
+    connection (``producer.connections``), partition ``p`` always through the same one.
 
     Guarantees: ``publish`` returns only after the broker acknowledged the record (acks=all
     by default); a failure raises ``PublishError`` / ``MessagingConnectionError``. Every
