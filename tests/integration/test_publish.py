@@ -434,3 +434,52 @@ async def test_batches_set_off_no_full_collection_in_the_actor(
     records = await read_records(kafka_bootstrap, topic, 21_000)
     assert len(records) == 21_000
     assert {json.loads(r.value)["n"] for r in records} == set(range(1000))
+
+
+async def test_two_connections_split_the_partitions_on_the_real_broker(
+        settings_factory: Any, kafka_bootstrap: str, topic: str) -> None:
+    """The default two producers per actor: partition p goes through producer p % 2 (seen
+    in each producer's idempotent sequence numbers, which the broker checks), every record
+    arrives once on its key's partition, a key's later single publish after its batch."""
+    from aiokafka.structs import TopicPartition
+
+    from athomic.actors.producer import ProducerActor
+    from athomic.messages import PublishRequest, new_message_id
+
+    await create_topics(kafka_bootstrap, topic, partitions=3)
+    actor = ProducerActor(settings_factory())
+    assert actor.settings.producer.connections == 2
+
+    def request(n: int, key: str) -> PublishRequest:
+        return PublishRequest(topic, json.dumps({"n": n}).encode(), key.encode(), [],
+                              "application/json", None, MessagePriority.NORMAL, None,
+                              new_message_id(), time.time())
+
+    try:
+        calls = [[request(c * 200 + i, f"k{i % 40}") for i in range(200)] for c in range(3)]
+        for outcomes in await asyncio.gather(*(actor.publish_batch(c) for c in calls)):
+            assert outcomes == [PublishingOutcome.SUCCESS_DIRECT] * 200
+        for i in range(6):  # one at a time: send() through the partition's producer
+            assert await actor.publish(request(1000 + i, f"k{i}")) is \
+                PublishingOutcome.SUCCESS_DIRECT
+        producers = actor._producer.producers  # type: ignore[union-attr]
+        assert len(producers) == 2
+        txn = [p._txn_manager for p in producers]  # type: ignore[attr-defined]
+        assert txn[0].producer_id != txn[1].producer_id
+        sequences = [[m.sequence_number(TopicPartition(topic, p)) for p in range(3)]
+                     for m in txn]
+        records = await read_records(kafka_bootstrap, topic, 606)
+        per_partition = [sum(1 for r in records if r.partition == p) for p in range(3)]
+        # each record advances its producer's sequence for its partition by one
+        assert sequences == [[per_partition[0], 0, per_partition[2]],
+                             [0, per_partition[1], 0]], (sequences, per_partition)
+        every = list(range(3))
+        assert all(r.partition == DefaultPartitioner()(r.key, every, every) for r in records)
+        got = sorted(json.loads(r.value)["n"] for r in records)
+        assert got == list(range(600)) + list(range(1000, 1006))
+        for i in range(6):
+            mine = [json.loads(r.value)["n"] for r in sorted(records, key=lambda r: r.offset)
+                    if r.key == f"k{i}".encode()]
+            assert mine[-1] == 1000 + i
+    finally:
+        await actor.stop()
