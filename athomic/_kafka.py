@@ -57,6 +57,7 @@ __all__ = [
     "KafkaClients",
     "KafkaConsumer",
     "KafkaProducer",
+    "NoTransactions",
     "OffsetAndMetadata",
     "PartitionedProducer",
     "RecordMetadata",
@@ -248,27 +249,43 @@ def murmur2(data: bytes) -> int:
     return h ^ (h >> 15)
 
 
-class PartitionedProducer:
+class NoTransactions:
+    """The transaction half of the ``KafkaProducer`` protocol, for a producer without
+    transactions: each method raises NotImplementedError with ``no_transactions``."""
+
+    no_transactions = "this producer has no transactions"
+
+    async def begin_transaction(self) -> None:
+        raise NotImplementedError(self.no_transactions)
+
+    async def commit_transaction(self) -> None:
+        raise NotImplementedError(self.no_transactions)
+
+    async def abort_transaction(self) -> None:
+        raise NotImplementedError(self.no_transactions)
+
+    async def send_offsets_to_transaction(
+            self, offsets: dict[TopicPartition, OffsetAndMetadata], group_id: str) -> None:
+        raise NotImplementedError(self.no_transactions)
+
+
+class PartitionedProducer(NoTransactions):
     """Several producers as one: partition ``p`` of every topic is always sent through
     ``producers[p % len(producers)]``, so each partition has one producer and keeps its
     order (and its idempotent sequence) as with one. The client keeps one request in
     flight per connection; with two, one producer's request is on the broker while the
     other's is built and sent (BENCHMARKS.md, *Publishing*). ``send`` without a partition
     picks it as the client's default partitioner does (murmur2 of the key; a random
-    partition for a record without one). Not transactional."""
+    partition for a record without one). As with one producer, a failed ``start`` leaves
+    stopping them to the owner."""
+
+    no_transactions = "a PartitionedProducer has no transactions"
 
     def __init__(self, producers: Sequence[KafkaProducer]) -> None:
         self.producers = list(producers)
 
     async def start(self) -> None:
-        try:
-            for producer in self.producers:
-                await producer.start()
-        except BaseException:
-            for producer in self.producers:
-                with contextlib.suppress(Exception):
-                    await producer.stop()
-            raise
+        await _all(producer.start() for producer in self.producers)
 
     async def stop(self) -> None:
         await _all(producer.stop() for producer in self.producers)
@@ -298,19 +315,6 @@ class PartitionedProducer:
 
     async def partitions_for(self, topic: str) -> set[int]:
         return await self.producers[0].partitions_for(topic)
-
-    async def begin_transaction(self) -> None:
-        raise TypeError("a PartitionedProducer is not transactional")
-
-    async def commit_transaction(self) -> None:
-        raise TypeError("a PartitionedProducer is not transactional")
-
-    async def abort_transaction(self) -> None:
-        raise TypeError("a PartitionedProducer is not transactional")
-
-    async def send_offsets_to_transaction(
-            self, offsets: dict[TopicPartition, OffsetAndMetadata], group_id: str) -> None:
-        raise TypeError("a PartitionedProducer is not transactional")
 
 
 async def _all(calls: Iterable[Awaitable[None]]) -> None:

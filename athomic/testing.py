@@ -53,7 +53,7 @@ from ._kafka import (
     KafkaAdmin,
     KafkaConsumer,
     KafkaProducer,
-    OffsetAndMetadata,
+    NoTransactions,
     RecordMetadata,
     TopicPartition,
 )
@@ -137,9 +137,11 @@ class _Batch:
         return _Appended(len(self.records) - 1)
 
 
-class _Recorder:
+class _Recorder(NoTransactions):
     """A Kafka producer (the ``KafkaProducer`` protocol) that keeps what it is sent and
     acknowledges it at once."""
+
+    no_transactions = "the test mode records publishes; it has no transactions"
 
     def __init__(self) -> None:
         self.sent: list[OutgoingRecord] = []
@@ -179,19 +181,6 @@ class _Recorder:
         ack.set_result(RecordMetadata(topic, partition, TopicPartition(topic, partition),
                                       base, time.time_ns() // 1_000_000, 0, 0))
         return ack
-
-    async def begin_transaction(self) -> None:
-        raise NotImplementedError("the test mode records publishes; it has no transactions")
-
-    async def commit_transaction(self) -> None:
-        raise NotImplementedError("the test mode records publishes; it has no transactions")
-
-    async def abort_transaction(self) -> None:
-        raise NotImplementedError("the test mode records publishes; it has no transactions")
-
-    async def send_offsets_to_transaction(
-            self, offsets: dict[TopicPartition, OffsetAndMetadata], group_id: str) -> None:
-        raise NotImplementedError("the test mode records publishes; it has no transactions")
 
 
 class _RecordingClients:
