@@ -29,7 +29,10 @@
 6. Batches again, interleaved block by block (``--interleaved-batches``, ``--block``):
    in-process aiokafka, the minimal actor, athomic with one call and with ``--in-flight``
    calls in flight, ``--block`` batches each in a shuffled order each round; per run, the
-   median over the rounds of each round's ratio.
+   median over the rounds of each round's ratio. With them, ``RecordsFloor`` with one call
+   and with ``--in-flight`` calls: the least an actor can do to write athomic's records
+   (the same headers on every record; values, keys and ids handed over ready), the floor
+   of this path for any publisher that keeps athomic's wire format.
 
 Each run measures every variant, interleaved; figures are medians with the per-run spread.
 For the batch variants it also gives the CPU the whole machine spent per message (every
@@ -58,6 +61,13 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 
 from athomic import MessagingSettings, ProducerFactory, PublishingOutcome
+from athomic.messages import (
+    H_CONTENT_TYPE,
+    H_MESSAGE_ID,
+    H_PRIORITY,
+    H_PUBLISHED_AT,
+    new_message_ids,
+)
 
 
 def event(i: int) -> dict[str, Any]:
@@ -121,6 +131,58 @@ class MinimalActor:
     async def stop(self) -> None:
         if self.producer is not None:
             await self.producer.stop()
+
+
+@ray.remote(num_cpus=0)
+class RecordsFloor:
+    """The least an actor can do to write athomic's records: the caller hands it keys,
+    serialised values and message ids as plain lists, and the headers every record of the
+    call shares (the caller's context, captured once, and the publish time); it gives each
+    record athomic's headers, in athomic's order, and sends one record batch per partition
+    (``create_batch`` / ``send_batch``, partitioned by key as ``send`` would), partition
+    ``p`` through producer ``p % 2``, as a ProducerActor does. No validation, no request
+    objects, no size checks, no telemetry, no outcome per message: what separates athomic's
+    batches from this is athomic's own work; what separates this from in-process aiokafka
+    is the actor hop and the headers the contract puts on every record."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.bootstrap = bootstrap
+        self.producers: list[AIOKafkaProducer] = []
+        self.counts: dict[str, int] = {}
+
+    async def start(self) -> None:
+        self.producers = [await plain_producer(self.bootstrap, 256 * 1024) for _ in range(2)]
+
+    async def publish(self, topic: str, keys: list[bytes], values: list[bytes],
+                      ids: list[str], context: list[list[Any]], published_at: bytes) -> int:
+        producers = self.producers
+        count = self.counts.get(topic)
+        if count is None:
+            count = self.counts[topic] = len(await producers[0].partitions_for(topic))
+        shared = [(k, v) for k, v in context]
+        tail = [(H_PRIORITY, b"normal"), (H_PUBLISHED_AT, published_at),
+                (H_CONTENT_TYPE, b"application/json")]
+        groups: dict[int, list[tuple[bytes, bytes, list[tuple[str, bytes]]]]] = {}
+        for key, value, message_id in zip(keys, values, ids, strict=True):
+            groups.setdefault((murmur2(key) & 0x7FFFFFFF) % count, []).append(
+                (key, value, [*shared, (H_MESSAGE_ID, message_id.encode()), *tail]))
+        futures = []
+        for partition, records in groups.items():
+            producer = producers[partition % len(producers)]
+            batch = producer.create_batch()
+            for key, value, headers in records:
+                if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+                    futures.append(await producer.send_batch(batch, topic,
+                                                             partition=partition))
+                    batch = producer.create_batch()
+                    batch.append(key=key, value=value, timestamp=None, headers=headers)
+            futures.append(await producer.send_batch(batch, topic, partition=partition))
+        await asyncio.gather(*futures)
+        return len(keys)
+
+    async def stop(self) -> None:
+        for producer in self.producers:
+            await producer.stop()
 
 
 def minimal_single(actor: Any, topic: str, n: int, outcome: bool = False) -> float:
@@ -198,6 +260,29 @@ def minimal_run(actor: Any, topic: str, first: int, batches: int, size: int,
         if len(pending) >= in_flight:
             assert ray.get(pending.pop(0)) == size
         pending.append(actor.publish_batch.remote(topic, records))
+    assert ray.get(pending) == [size] * len(pending)
+    return time.perf_counter() - start
+
+
+def floor_run(actor: Any, context: list[tuple[str, bytes]], topic: str, first: int,
+              batches: int, size: int, in_flight: int) -> float:
+    """Seconds for batches ``first`` .. ``first + batches - 1`` through ``RecordsFloor``:
+    from the same list of events as athomic's caller gets, the caller serialises each
+    event and takes athomic's message ids."""
+    wire_context = [[k, v] for k, v in context]
+    start = time.perf_counter()
+    pending: list[Any] = []
+    for b in range(first, first + batches):
+        events = [event(b * size + i) for i in range(size)]
+        keys = [f"k{i}".encode() for i in range(size)]
+        # an exact-size copy, as athomic's serialiser makes: a batch's values held
+        # together in orjson's own buffers fragment the heap (BENCHMARKS.md)
+        values = [bytes(memoryview(orjson.dumps(e))) for e in events]
+        if len(pending) >= in_flight:
+            assert ray.get(pending.pop(0)) == size
+        pending.append(actor.publish.remote(topic, keys, values, new_message_ids(size),
+                                            wire_context,
+                                            str(round(time.time() * 1000)).encode()))
     assert ray.get(pending) == [size] * len(pending)
     return time.perf_counter() - start
 
@@ -297,11 +382,12 @@ def athomic_run(handle: Any, topic: str, first: int, batches: int, size: int,
 
 
 def interleaved_batches(bootstrap: str, handle: Any, minimal: Any, topic: str, rounds: int,
-                        block: int, size: int, in_flight: int, pool: Any = None
-                        ) -> dict[str, list[float]]:
+                        block: int, size: int, in_flight: int, pool: Any = None,
+                        floor: Any = None) -> dict[str, list[float]]:
     """Batches with the variants interleaved block by block: each round, in a shuffled
     order, in-process aiokafka, the minimal actor and athomic one call in flight, and
-    athomic with ``in_flight`` calls (with ``pool``, also through its NORMAL lane),
+    athomic with ``in_flight`` calls (with ``pool``, also through its NORMAL lane; with
+    ``floor``, a ``RecordsFloor``, it too with one call and ``in_flight`` calls),
     ``block`` batches each, so every variant sees the same moment of this machine's load
     (the blocks above run minutes apart). Per variant and round, the rate in msg/s; a
     round of blocks before them warms up, not counted."""
@@ -329,6 +415,12 @@ def interleaved_batches(bootstrap: str, handle: Any, minimal: Any, topic: str, r
     if pool is not None:
         variants[f"athomic_{in_flight}_in_flight_pool"] = lambda first: athomic_run(
             pool, topic + ".ibpool", first, block, size, in_flight)
+    if floor is not None:
+        context = handle._captured()[0]  # the context athomic's records carry
+        variants["records_floor"] = lambda first: floor_run(
+            floor, context, topic + ".ibfl", first, block, size, 1)
+        variants[f"records_floor_{in_flight}_in_flight"] = lambda first: floor_run(
+            floor, context, topic + ".ibflp", first, block, size, in_flight)
     rates: dict[str, list[float]] = {k: [] for k in variants}
     names = list(variants)
     shuffle = random.Random(11).shuffle
@@ -410,6 +502,8 @@ def main() -> None:
         # ~0.3 ms sooner than one called once, as the others are (BENCHMARKS.md)
         minimal_outcome = MinimalActor.remote(bootstrap)
         ray.get(minimal_outcome.start.remote())
+        floor = RecordsFloor.remote(bootstrap)
+        ray.get(floor.start.remote())
         tag = uuid.uuid4().hex[:6]
         ray.get(handle.publish.remote(topic=f"bench.{tag}", message={"warm": 1}))
         for run in range(1, args.runs + 1):
@@ -469,7 +563,7 @@ def main() -> None:
             if args.interleaved_batches:
                 batch_rounds.append(interleaved_batches(
                     bootstrap, handle, minimal, topic, args.interleaved_batches, args.block,
-                    per_call, flight, pool))
+                    per_call, flight, pool, floor))
                 print(f"run {run}, interleaved batches, median msg/s: " + ", ".join(
                     f"{k} {median(v):.0f}" for k, v in batch_rounds[-1].items()), flush=True)
             print(f"run {run}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in results.items())
@@ -477,7 +571,7 @@ def main() -> None:
         ProducerFactory.shutdown(conn)
         if pool is not None:
             ProducerFactory.shutdown(conn + "pool")
-        ray.get([minimal.stop.remote(), minimal_outcome.stop.remote()])
+        ray.get([minimal.stop.remote(), minimal_outcome.stop.remote(), floor.stop.remote()])
     floor = [1 / (1 / n + 1 / k) for n, k in zip(results["noop_actor"],
                                                  results["aiokafka_single"], strict=True)]
     ratios = {
@@ -528,11 +622,23 @@ def main() -> None:
                           (f"batch, {args.in_flight} in flight / aiokafka",
                            f"athomic_{args.in_flight}_in_flight"),
                           (f"batch, {args.in_flight} in flight, {args.pool} actors / aiokafka",
-                           f"athomic_{args.in_flight}_in_flight_pool")):
+                           f"athomic_{args.in_flight}_in_flight_pool"),
+                          ("batch, records floor / aiokafka", "records_floor"),
+                          (f"batch, {args.in_flight} in flight, records floor / aiokafka",
+                           f"records_floor_{args.in_flight}_in_flight")):
             if key not in rounds:
                 continue
             ratios.setdefault(f"{name}, interleaved", []).append(
                 median([a / b for a, b in zip(rounds[key], base, strict=True)]))
+        # athomic against the least an actor writing its records does, same rounds
+        for name, key, floor_key in (
+                ("batch / records floor", "athomic", "records_floor"),
+                (f"batch, {args.in_flight} in flight / records floor, same",
+                 f"athomic_{args.in_flight}_in_flight",
+                 f"records_floor_{args.in_flight}_in_flight")):
+            if floor_key in rounds:
+                ratios.setdefault(f"{name}, interleaved", []).append(median(
+                    [a / b for a, b in zip(rounds[key], rounds[floor_key], strict=True)]))
     print(f"\n{args.runs} runs, 1 KiB JSON messages, acks=all, idempotent ({machine()})")
     print(f"{'variant':34} {'median msg/s':>12}  per run")
     for k, v in {**results, "floor (no-op call + send_and_wait)": floor}.items():
