@@ -50,6 +50,7 @@ from .messages import (
     validate_topic,
 )
 from .pipeline import Pipeline
+from .pipeline.serialize import JSON
 from .republisher.schedule import plan
 from .settings import MessagingSettings
 
@@ -582,7 +583,10 @@ class ProducerHandle:
         d_priority = defaults.get("priority", MessagePriority.NORMAL)
         valid, serialize, parse = self._valid_topics, self._pipeline.serialize, \
             MessagePriority.parse
-        add = requests.append
+        # a dict message (the common item) goes straight to the serializer's JSON
+        json_of = self._pipeline.serializer.json_of_plain()
+        default_priority = d_priority if type(d_priority) is MessagePriority else None
+        new, add = tuple.__new__, requests.append
         for i, item in enumerate(items):
             if type(item) is not dict and not isinstance(item, Mapping):
                 raise ValidationError(
@@ -593,12 +597,23 @@ class ProducerHandle:
                     topic = item.get("topic", d_topic)
                     if topic not in valid:
                         self._check_topic(topic)
-                    priority = parse(item.get("priority", d_priority))
-                    value, content_type, schema = serialize(item.get("message", d_message))
+                    priority = item.get("priority", d_priority)
+                    if priority is not default_priority:
+                        priority = parse(priority)
+                    message = item.get("message", d_message)
+                    value: bytes | None
+                    content_type: str | None
+                    schema: str | None
+                    if json_of is not None and type(message) is dict:
+                        value, content_type, schema = json_of(message), JSON, None
+                    else:
+                        value, content_type, schema = serialize(message)
                     key = item.get("key", d_key)
-                    add(PublishRequest(topic, value, key.encode() if type(key) is str
-                                       else _to_key(key), context, content_type, schema,
-                                       priority, None, ids[i], now, None))
+                    # the tuple itself: PublishRequest(...) adds a call per request
+                    add(new(PublishRequest, (
+                        topic, value, key.encode() if type(key) is str else _to_key(key),
+                        context, content_type, schema, priority, None, ids[i], now,
+                        None)))
                     continue
                 if not _PUBLISH_FIELDS.issuperset(item):
                     bad = set(item) - _PUBLISH_FIELDS

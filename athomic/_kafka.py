@@ -107,7 +107,8 @@ class KafkaProducer(Protocol):
 
     def create_batch(self) -> Any:
         """An empty record batch: ``append(key=, value=, timestamp=None, headers=)`` gives
-        the record's metadata (its ``offset`` relative to the batch) or None when full."""
+        the record's metadata (its ``offset`` relative to the batch: 0 for the first record,
+        then one more per record) or None when full."""
 
     async def send_batch(self, batch: Any, topic: str, *, partition: int
                          ) -> asyncio.Future[RecordMetadata]:
@@ -360,54 +361,64 @@ async def send_batched(producer: KafkaProducer, records: Sequence[Outgoing],
     groups: dict[tuple[str, int], list[int]] = {}
     counts: dict[str, int] = {}
     failed: dict[str, BaseException] = {}
-    for i, (topic, key, _, _) in enumerate(records):
-        if topic not in counts:
-            try:  # waits on the client's bounded metadata timeout
-                counts[topic] = len(await producer.partitions_for(topic))
-            except Exception as exc:  # e.g. the topic does not exist
-                counts[topic], failed[topic] = 0, exc
-        if topic in failed:
+    topic, count, sticky = None, 0, 0  # the topic of the record before, and its own
+    for i, (record_topic, key, _, _) in enumerate(records):
+        if record_topic != topic:
+            topic = record_topic
+            if topic not in counts:
+                try:  # waits on the client's bounded metadata timeout
+                    counts[topic] = len(await producer.partitions_for(topic))
+                except Exception as exc:  # e.g. the topic does not exist
+                    counts[topic], failed[topic] = 0, exc
+            count, sticky = counts[topic], batching.sticky.get(topic, 0)
+        if count == 0:
             sent[i] = failed[topic]
             continue
-        partition = (batching.sticky.get(topic, 0) % counts[topic] if key is None
-                     else partition_for_key(key, counts[topic]))
-        groups.setdefault((topic, partition), []).append(i)
+        # Kafka's default partitioner (``partition_for_key``), written out: it runs for
+        # every keyed record
+        partition = sticky % count if key is None else (murmur2(key) & 0x7FFFFFFF) % count
+        found = groups.get((topic, partition))
+        if found is None:
+            groups[(topic, partition)] = [i]
+        else:
+            found.append(i)
     for topic in counts:
         batching.sticky[topic] = batching.sticky.get(topic, 0) + 1
+    cap = len(records) if per_batch is None else per_batch
     for (topic, partition), indices in groups.items():
         batch = producer.create_batch()
-        members: list[tuple[int, int]] = []
+        # a record's place in its batch is its place in ``members``: the client counts
+        # a batch's records from 0
+        members: list[int] = []
         for i in indices:
             _, key, value, headers = records[i]
-            full = per_batch is not None and len(members) >= per_batch
-            appended = None if full else batch.append(key=key, value=value, timestamp=None,
-                                                      headers=headers)
+            appended = None if len(members) >= cap else batch.append(
+                key=key, value=value, timestamp=None, headers=headers)
             if appended is None:  # full: send it, start the next (which takes any record)
                 await _submit(producer, batching, batch, topic, partition, members, sent,
                               before)
                 batch, members = producer.create_batch(), []
-                appended = batch.append(key=key, value=value, timestamp=None,
-                                        headers=headers)
-            members.append((i, appended.offset))
+                batch.append(key=key, value=value, timestamp=None, headers=headers)
+            members.append(i)
         if members:
             await _submit(producer, batching, batch, topic, partition, members, sent,
-                              before)
+                          before)
     return sent
 
 
 async def _submit(producer: KafkaProducer, batching: Batching, batch: Any, topic: str,
-                  partition: int, members: list[tuple[int, int]], sent: list[Sent],
+                  partition: int, members: list[int], sent: list[Sent],
                   before: Callable[[int], None] | None) -> None:
     if before is not None:
-        before(members[0][0])
+        before(members[0])
     try:
         async with batching.lock(topic, partition):
             future = await producer.send_batch(batch, topic, partition=partition)
     except Exception as exc:
-        for i, _ in members:
+        for i in members:
             sent[i] = exc
         return
-    for i, position in members:
+    for position, i in enumerate(members):
         sent[i] = (future, position)
 
 

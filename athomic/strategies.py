@@ -177,11 +177,35 @@ class DirectPublishStrategy:
     def build_all(requests: Sequence[PublishRequest], topics: Sequence[str]
                   ) -> list[OutgoingRecord]:
         """``build`` for each request of a call whose values pass no byte stage (each
-        serialised value is its record's value): the same records, in one loop."""
-        memo: HeaderMemo = {}
-        return [OutgoingRecord(topic, request.key, request.value,
-                               *_final_headers(request, _UNENCODED, memo=memo))
-                for request, topic in zip(requests, topics, strict=True)]
+        serialised value is its record's value): the same records, in one loop. What
+        requests share (their captured headers list, publish time, content type, schema
+        and priority: usually one of each per call) is worked out once; per request only
+        its message id is added to the shared headers."""
+        memo: dict[tuple[int, float, str | None, str | None, MessagePriority],
+                   tuple[list[tuple[str, bytes]], list[tuple[str, bytes]],
+                         list[tuple[str, bytes]], int]] = {}
+        records: list[OutgoingRecord] = []
+        add = records.append
+        for request, topic in zip(requests, topics, strict=True):
+            if request.deliver_at is not None:  # already due: says when it was due
+                add(OutgoingRecord(topic, request.key, request.value,
+                                   *_final_headers(request, _UNENCODED)))
+                continue
+            shape = (id(request.headers), request.published_at, request.content_type,
+                     request.schema, request.priority)
+            shared = memo.get(shape)
+            if shared is None:
+                # the headers of a request whose message id is empty, split around it
+                whole, size = _final_headers(request._replace(message_id=""), _UNENCODED)
+                at = whole.index((H_MESSAGE_ID, b""))
+                # holds the captured list, so its id is not reused while the memo lives
+                shared = memo[shape] = (request.headers, whole[:at], whole[at + 1:], size)
+            _, before, after, size = shared
+            message_id = request.message_id.encode()
+            add(OutgoingRecord(topic, request.key, request.value,
+                               [*before, (H_MESSAGE_ID, message_id), *after],
+                               size + len(message_id)))
+        return records
 
 
 _UNENCODED = Encoded(None, [])
