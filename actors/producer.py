@@ -204,8 +204,9 @@ class ProducerActor:
         """Each request's physical topic (``<topic>.high`` / ``.low`` with priority
         topics), computed once per call: the pipeline binds to it, the strategies write to
         it, the spans name it."""
-        split = self.settings.priority_topics
-        return [physical_topic(r.topic, r.priority, split) for r in requests]
+        if not self.settings.priority_topics:  # every message to its own topic
+            return [r.topic for r in requests]
+        return [physical_topic(r.topic, r.priority, True) for r in requests]
 
     async def prepare(self, requests: Sequence[PublishRequest], topics: Sequence[str], *,
                       observe: SegmentObserver | None = None
@@ -307,7 +308,8 @@ class ProducerActor:
                                                                    strict=True))
                      if request.version is not None and request.deliver_at is not None
                      and prepared[i][1] is PublishingOutcome.SUCCESS_DELAYED
-                     and not isinstance(result, BaseException)]
+                     and not isinstance(result, BaseException)
+                     ] if any(r.version is not None for r in requests) else ()
         if scheduled:
             now = now_ms()
             events = [(requests[i].message_id,

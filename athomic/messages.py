@@ -6,6 +6,7 @@ Pure code with no I/O; the wire-format table in the README lists the same names.
 from __future__ import annotations
 
 import enum
+import functools
 import itertools
 import os
 import re
@@ -423,9 +424,13 @@ class PublishRequest(NamedTuple):
 
 def _requests_from_columns(count: int, columns: list[tuple[object, ...]]
                            ) -> list[PublishRequest]:
-    return list(map(PublishRequest._make, zip(
+    # each row made a PublishRequest by tuple.__new__ itself: no Python call per request
+    return list(map(_new_request, zip(
         *(column if len(column) == count else itertools.repeat(column[0], count)
           for column in columns), strict=True)))
+
+
+_new_request = functools.partial(tuple.__new__, PublishRequest)
 
 
 class PublishRequests(list[PublishRequest]):
