@@ -183,6 +183,49 @@ def test_a_bad_item_after_plain_ones_is_named_by_its_index(item: dict[str, Any],
     assert all(not a.calls for group in lanes.values() for a in group)
 
 
+@pytest.mark.parametrize("codec", ["pydantic", "bytes"])
+def test_a_plain_batch_under_another_codec_refuses_dicts_as_publish_does(codec: str) -> None:
+    """A dict message goes straight to orjson only under the orjson codec; under another
+    it is refused, as ``publish`` refuses it, at its index, before anything is sent."""
+    handle, lanes = make(pipeline=[{"stage": "serialize", "codec": codec}])
+    with pytest.raises(SerializationError, match=f"the {codec} codec accepts only") as single:
+        handle.publish.remote(topic="t", message={"a": 1})
+    with pytest.raises(SerializationError, match="message #1: ") as batch:
+        handle.publish_batch.remote([{"message": b"raw" if codec == "bytes" else None},
+                                     {"message": {"a": 1}}], topic="t")
+    assert str(single.value) in str(batch.value)
+    assert all(not a.calls for group in lanes.values() for a in group)
+
+
+def test_a_plain_batch_takes_its_default_priority_as_publish_takes_priority(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A default priority given as a member or as its name, and an item's own, route and
+    mark each request as ``publish`` would (a name is parsed, not compared)."""
+    monkeypatch.setattr("athomic._handle._merge_lanes",
+                        type("Merge", (), {"remote": lambda *a: "m"}))
+    handle, lanes = make()
+    items: list[dict[str, Any]] = [{"message": 1}, {"message": 2, "priority": "low"},
+                                   {"message": 3, "priority": MessagePriority.HIGH}]
+    for default in ("high", MessagePriority.HIGH, "HIGH", MessagePriority.LOW):
+        handle.publish_batch.remote(items, topic="t", priority=default)
+        calls = {lane: [r for a in group for c in a.calls for r in c[0]]
+                 for lane, group in lanes.items()}
+        for group in lanes.values():
+            for actor in group:
+                actor.calls.clear()
+        expected = MessagePriority.parse(default)
+        # the members themselves: a name left unparsed would compare equal to one
+        assert all(type(r.priority) is MessagePriority
+                   for r in calls["high"] + calls["normal"])
+        assert [r.priority for r in calls["high"]] == \
+            [MessagePriority.HIGH] * (2 if expected is MessagePriority.HIGH else 1)
+        assert [r.priority for r in calls["normal"]] == (
+            [MessagePriority.LOW] if expected is MessagePriority.HIGH
+            else [MessagePriority.LOW, MessagePriority.LOW])
+        assert [r.value for r in calls["normal"] + calls["high"]] == (
+            [b"2", b"1", b"3"] if expected is MessagePriority.HIGH else [b"1", b"2", b"3"])
+
+
 def test_captured_context_over_the_cap_fails_a_plain_batch_at_its_first_item() -> None:
     handle, lanes = make(producer={"max_headers": 1})
     with pytest.raises(InvalidHeaderError, match="message #0: headers exceed"):

@@ -19,7 +19,17 @@ from aiokafka.errors import (
 from aiokafka.structs import OffsetAndMetadata, RecordMetadata, TopicPartition
 from kafka_fake import FakeKafka, ManualClock
 
-from athomic._kafka import KafkaClients, TopicSpec, stop_quietly, wait_quietly
+from athomic._kafka import (
+    Batching,
+    KafkaClients,
+    TopicSpec,
+    acked_all,
+    futures_of,
+    partition_for_key,
+    send_batched,
+    stop_quietly,
+    wait_quietly,
+)
 
 TP = TopicPartition("t", 0)
 
@@ -438,3 +448,30 @@ async def test_stop_quietly_leaves_a_running_fetcher_alone_until_its_close() -> 
     await stop_quietly(consumer, 5.0)  # type: ignore[arg-type]
     assert running == [True]
     assert consumer._fetcher._fetch_task.cancelled()
+
+
+@pytest.mark.parametrize("per_batch", [None, 2])
+async def test_records_sent_in_batches_get_their_own_offsets(kafka: FakeKafka,
+                                                             per_batch: int | None) -> None:
+    """``send_batched`` groups records by partition (keyed by the client's partitioner) and
+    ``acked_all`` gives each record its own offset, its batch's base plus its place in the
+    batch, in the order given, whatever the batches' size."""
+    producer = kafka.producer(max_batch_size=16384)
+    await producer.start()
+    try:
+        await (await producer.send("u", b"before", partition=0))  # offsets start at 1 there
+        keys = [b"k%d" % i for i in range(9)]
+        records = [("u", key, b"v%d" % i, [("h", b"%d" % i)]) for i, key in enumerate(keys)]
+        sent = await send_batched(producer, records, Batching(), per_batch=per_batch)
+        await asyncio.gather(*futures_of(sent).values())
+        acked = acked_all(sent)
+        count = len(await producer.partitions_for("u"))
+        assert [m.partition for m in acked] == [partition_for_key(k, count) for k in keys]
+        log = {p: [(e.key, e.value, e.offset) for e in kafka.log("u", p)] for p in (0, 1)}
+        for (_, key, value, _), meta in zip(records, acked, strict=True):
+            assert (key, value, meta.offset) in log[meta.partition]
+        assert {len(log[0]) + len(log[1])} == {10}
+        if per_batch is not None:  # batches of at most 2 records: more than one future
+            assert len(futures_of(sent)) >= 5
+    finally:
+        await producer.stop()
