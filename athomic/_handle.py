@@ -60,6 +60,8 @@ _PUBLISH_FIELDS = frozenset(
     {"message", "topic", "key", "headers", "delay_seconds", "priority", "deliver_at",
      "message_id"})
 _PLAIN_FIELDS = frozenset({"message", "topic", "key", "priority"})
+_UNPARSED = object()
+"""A batch's default priority that is not a member yet (no item's priority is this)."""
 """A batch item of only these fields has no headers, delay or id of its own to check."""
 _IMPLAUSIBLE_S = 100 * 366 * 86_400.0
 """A delay this long is a mistake (epoch milliseconds passed as seconds, a unit slip)."""
@@ -585,7 +587,10 @@ class ProducerHandle:
             MessagePriority.parse
         # a dict message (the common item) goes straight to the serializer's JSON
         json_of = self._pipeline.serializer.json_of_plain()
-        default_priority = d_priority if type(d_priority) is MessagePriority else None
+        # a default already a member is taken as it is; any other value an item gives (or
+        # a default given by name) is parsed
+        default_priority: object = d_priority if type(d_priority) is MessagePriority \
+            else _UNPARSED
         new, add = tuple.__new__, requests.append
         for i, item in enumerate(items):
             if type(item) is not dict and not isinstance(item, Mapping):

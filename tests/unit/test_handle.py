@@ -224,6 +224,11 @@ def test_a_plain_batch_takes_its_default_priority_as_publish_takes_priority(
             else [MessagePriority.LOW, MessagePriority.LOW])
         assert [r.value for r in calls["normal"] + calls["high"]] == (
             [b"2", b"1", b"3"] if expected is MessagePriority.HIGH else [b"1", b"2", b"3"])
+    for default in ("high", MessagePriority.HIGH):  # an item's None is no priority
+        with pytest.raises(InvalidHeaderError, match=r"message #1: .*unknown priority None"):
+            handle.publish_batch.remote([{"message": 1}, {"message": 2, "priority": None}],
+                                        topic="t", priority=default)
+    assert all(not a.calls for group in lanes.values() for a in group)
 
 
 def test_captured_context_over_the_cap_fails_a_plain_batch_at_its_first_item() -> None:
