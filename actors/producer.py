@@ -220,7 +220,7 @@ class ProducerActor:
         if not self.pipeline.stages and all(r.deliver_at is None for r in requests):
             # direct, and no byte stage: each serialised value is its record's value
             records = self.direct.build_all(requests, topics)
-            if max(map(OutgoingRecord.size, records)) > limit:
+            if max(map(OutgoingRecord.size, records), default=0) > limit:
                 for i, record in enumerate(records):
                     if record.size() > limit:
                         _too_large(record, limit, i if len(requests) > 1 else None)

@@ -46,6 +46,7 @@ from .messages import (
     PublishRequests,
     new_message_id,
     new_message_ids,
+    new_request,
     validate_message_id,
     validate_topic,
 )
@@ -60,9 +61,9 @@ _PUBLISH_FIELDS = frozenset(
     {"message", "topic", "key", "headers", "delay_seconds", "priority", "deliver_at",
      "message_id"})
 _PLAIN_FIELDS = frozenset({"message", "topic", "key", "priority"})
+"""A batch item of only these fields has no headers, delay or id of its own to check."""
 _UNPARSED = object()
 """A batch's default priority that is not a member yet (no item's priority is this)."""
-"""A batch item of only these fields has no headers, delay or id of its own to check."""
 _IMPLAUSIBLE_S = 100 * 366 * 86_400.0
 """A delay this long is a mistake (epoch milliseconds passed as seconds, a unit slip)."""
 
@@ -591,7 +592,7 @@ class ProducerHandle:
         # a default given by name) is parsed
         default_priority: object = d_priority if type(d_priority) is MessagePriority \
             else _UNPARSED
-        new, add = tuple.__new__, requests.append
+        add = requests.append
         for i, item in enumerate(items):
             if type(item) is not dict and not isinstance(item, Mapping):
                 raise ValidationError(
@@ -614,8 +615,7 @@ class ProducerHandle:
                     else:
                         value, content_type, schema = serialize(message)
                     key = item.get("key", d_key)
-                    # the tuple itself: PublishRequest(...) adds a call per request
-                    add(new(PublishRequest, (
+                    add(new_request((
                         topic, value, key.encode() if type(key) is str else _to_key(key),
                         context, content_type, schema, priority, None, ids[i], now,
                         None)))

@@ -361,7 +361,8 @@ async def send_batched(producer: KafkaProducer, records: Sequence[Outgoing],
     groups: dict[tuple[str, int], list[int]] = {}
     counts: dict[str, int] = {}
     failed: dict[str, BaseException] = {}
-    topic, count, sticky = None, 0, 0  # the topic of the record before, and its own
+    # looked up when the topic changes from the record before (a call has one, in practice)
+    topic, count, sticky, error = None, 0, 0, None
     for i, (record_topic, key, _, _) in enumerate(records):
         if record_topic != topic:
             topic = record_topic
@@ -370,18 +371,13 @@ async def send_batched(producer: KafkaProducer, records: Sequence[Outgoing],
                     counts[topic] = len(await producer.partitions_for(topic))
                 except Exception as exc:  # e.g. the topic does not exist
                     counts[topic], failed[topic] = 0, exc
-            count, sticky = counts[topic], batching.sticky.get(topic, 0)
-        if count == 0:
-            sent[i] = failed[topic]
+            count, sticky, error = counts[topic], batching.sticky.get(topic, 0), \
+                failed.get(topic)
+        if error is not None:
+            sent[i] = error
             continue
-        # Kafka's default partitioner (``partition_for_key``), written out: it runs for
-        # every keyed record
-        partition = sticky % count if key is None else (murmur2(key) & 0x7FFFFFFF) % count
-        found = groups.get((topic, partition))
-        if found is None:
-            groups[(topic, partition)] = [i]
-        else:
-            found.append(i)
+        partition = sticky % count if key is None else partition_for_key(key, count)
+        groups.setdefault((topic, partition), []).append(i)
     for topic in counts:
         batching.sticky[topic] = batching.sticky.get(topic, 0) + 1
     cap = len(records) if per_batch is None else per_batch

@@ -88,13 +88,14 @@ def final_headers(request: PublishRequest, encoded: Encoded, *, due: bool = True
     return _final_headers(request, encoded, due=due)[0]
 
 
-HeaderMemo = dict[tuple[int, float, str | None],
-                  tuple[list[tuple[str, bytes]], list[tuple[str, bytes]], int, bytes,
-                        bytes | None]]
+HeaderMemo = dict[tuple[int, float, str | None, str | None, MessagePriority],
+                  tuple[list[tuple[str, bytes]], list[tuple[str, bytes]],
+                        list[tuple[str, bytes]], int]]
 """What the requests of one call share, worked out once (``_final_headers``): by headers
-list (its ``id``), publish time and content type, the list itself (held, so its id is not
-reused while the memo lives), its entries athomic does not own and their bytes, and the
-publish-time and content-type header values."""
+list (its ``id``), publish time, content type, schema and priority, the list itself (held,
+so its id is not reused while the memo lives), the headers before the message id (the
+entries athomic does not own) and after it (priority, publish time, content type,
+schema), and the bytes of all of them and of the message id's key."""
 
 
 def _final_headers(request: PublishRequest, encoded: Encoded, *, due: bool = True,
@@ -102,34 +103,29 @@ def _final_headers(request: PublishRequest, encoded: Encoded, *, due: bool = Tru
     """``final_headers``, and the bytes of their keys and values (counted as they are
     added, not summed again when the record's size is checked). ``memo``: one dict per
     call; the requests of a batch share their headers list (what the handle captured),
-    publish time and content type, which are then filtered and encoded once."""
-    key = (id(request.headers), request.published_at, request.content_type)
+    publish time, content type, schema and priority, so everything but the message id
+    (and the pipeline's and due-time headers) is filtered and encoded once."""
+    key = (id(request.headers), request.published_at, request.content_type, request.schema,
+           request.priority)
     shared = None if memo is None else memo.get(key)
     if shared is None:
         kept = [h for h in request.headers if h[0] not in _OWNED]
-        kind = request.content_type
         # Epoch milliseconds of the publish call, fixed on the caller's side; kept
         # through delays, so it is the original publish time.
-        shared = (request.headers, kept, sum(len(k) + len(v) for k, v in kept),
-                  str(round(request.published_at * 1000)).encode(),
-                  None if kind is None else kind.encode())
+        after = [(H_PRIORITY, _PRIORITY_BYTES[request.priority]),
+                 (H_PUBLISHED_AT, str(round(request.published_at * 1000)).encode())]
+        if request.content_type is not None:
+            after.append((H_CONTENT_TYPE, request.content_type.encode()))
+        if request.schema is not None:
+            after.append((H_SCHEMA, request.schema.encode()))
+        shared = (request.headers, kept, after,
+                  len(H_MESSAGE_ID) + sum(len(k) + len(v) for k, v in (*kept, *after)))
         if memo is not None:
             memo[key] = shared
-    _, kept, size, published_at, content_type = shared
-    headers = kept.copy()
+    _, kept, after, size = shared
     message_id = request.message_id.encode()
-    priority = _PRIORITY_BYTES[request.priority]
-    headers.append((H_MESSAGE_ID, message_id))
-    headers.append((H_PRIORITY, priority))
-    headers.append((H_PUBLISHED_AT, published_at))
-    size += _OWN_KEYS + len(message_id) + len(priority) + len(published_at)
-    if content_type is not None:
-        headers.append((H_CONTENT_TYPE, content_type))
-        size += len(H_CONTENT_TYPE) + len(content_type)
-    if request.schema is not None:
-        schema = request.schema.encode()
-        headers.append((H_SCHEMA, schema))
-        size += len(H_SCHEMA) + len(schema)
+    headers = [*kept, (H_MESSAGE_ID, message_id), *after]
+    size += len(message_id)
     if encoded.headers:
         headers.extend(encoded.headers)
         size += sum(len(k) + len(v) for k, v in encoded.headers)
@@ -141,7 +137,6 @@ def _final_headers(request: PublishRequest, encoded: Encoded, *, due: bool = Tru
 
 
 _PRIORITY_BYTES = {p: p.value.encode() for p in MessagePriority}
-_OWN_KEYS = len(H_MESSAGE_ID) + len(H_PRIORITY) + len(H_PUBLISHED_AT)
 
 
 _RESTAMPED = frozenset({H_DELIVER_AT, H_HOP})
@@ -177,35 +172,12 @@ class DirectPublishStrategy:
     def build_all(requests: Sequence[PublishRequest], topics: Sequence[str]
                   ) -> list[OutgoingRecord]:
         """``build`` for each request of a call whose values pass no byte stage (each
-        serialised value is its record's value): the same records, in one loop. What
-        requests share (their captured headers list, publish time, content type, schema
-        and priority: usually one of each per call) is worked out once; per request only
-        its message id is added to the shared headers."""
-        memo: dict[tuple[int, float, str | None, str | None, MessagePriority],
-                   tuple[list[tuple[str, bytes]], list[tuple[str, bytes]],
-                         list[tuple[str, bytes]], int]] = {}
-        records: list[OutgoingRecord] = []
-        add = records.append
-        for request, topic in zip(requests, topics, strict=True):
-            if request.deliver_at is not None:  # already due: says when it was due
-                add(OutgoingRecord(topic, request.key, request.value,
-                                   *_final_headers(request, _UNENCODED)))
-                continue
-            shape = (id(request.headers), request.published_at, request.content_type,
-                     request.schema, request.priority)
-            shared = memo.get(shape)
-            if shared is None:
-                # the headers of a request whose message id is empty, split around it
-                whole, size = _final_headers(request._replace(message_id=""), _UNENCODED)
-                at = whole.index((H_MESSAGE_ID, b""))
-                # holds the captured list, so its id is not reused while the memo lives
-                shared = memo[shape] = (request.headers, whole[:at], whole[at + 1:], size)
-            _, before, after, size = shared
-            message_id = request.message_id.encode()
-            add(OutgoingRecord(topic, request.key, request.value,
-                               [*before, (H_MESSAGE_ID, message_id), *after],
-                               size + len(message_id)))
-        return records
+        serialised value is its record's value): the same records, in one loop, what the
+        requests share worked out once (``HeaderMemo``)."""
+        memo: HeaderMemo = {}
+        return [OutgoingRecord(topic, request.key, request.value,
+                               *_final_headers(request, _UNENCODED, memo=memo))
+                for request, topic in zip(requests, topics, strict=True)]
 
 
 _UNENCODED = Encoded(None, [])

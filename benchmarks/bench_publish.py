@@ -166,18 +166,7 @@ class RecordsFloor:
         for key, value, message_id in zip(keys, values, ids, strict=True):
             groups.setdefault((murmur2(key) & 0x7FFFFFFF) % count, []).append(
                 (key, value, [*shared, (H_MESSAGE_ID, message_id.encode()), *tail]))
-        futures = []
-        for partition, records in groups.items():
-            producer = producers[partition % len(producers)]
-            batch = producer.create_batch()
-            for key, value, headers in records:
-                if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
-                    futures.append(await producer.send_batch(batch, topic,
-                                                             partition=partition))
-                    batch = producer.create_batch()
-                    batch.append(key=key, value=value, timestamp=None, headers=headers)
-            futures.append(await producer.send_batch(batch, topic, partition=partition))
-        await asyncio.gather(*futures)
+        await send_record_batches(producers, topic, groups)
         return len(keys)
 
     async def stop(self) -> None:
@@ -321,6 +310,25 @@ async def aiokafka_batches(bootstrap: str, topic: str, batches: int, size: int) 
         await producer.stop()
 
 
+async def send_record_batches(
+        producers: list[AIOKafkaProducer], topic: str,
+        groups: dict[int, list[tuple[bytes, bytes, list[tuple[str, bytes]] | None]]]) -> None:
+    """Each partition's records (key, value, headers) as record batches (``create_batch`` /
+    ``send_batch``, a new one when full), partition ``p`` through ``producers[p % n]``;
+    returns once every batch is acknowledged."""
+    futures = []
+    for partition, records in groups.items():
+        producer = producers[partition % len(producers)]
+        batch = producer.create_batch()
+        for key, value, headers in records:
+            if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+                futures.append(await producer.send_batch(batch, topic, partition=partition))
+                batch = producer.create_batch()
+                batch.append(key=key, value=value, timestamp=None, headers=headers)
+        futures.append(await producer.send_batch(batch, topic, partition=partition))
+    await asyncio.gather(*futures)
+
+
 async def aiokafka_record_batches(bootstrap: str, topic: str, batches: int, size: int
                                   ) -> float:
     """The fastest way aiokafka has: serialise, then one record batch (``create_batch`` /
@@ -331,22 +339,12 @@ async def aiokafka_record_batches(bootstrap: str, topic: str, batches: int, size
         count = len(await producer.partitions_for(topic))
         start = time.perf_counter()
         for b in range(batches):
-            groups: dict[int, list[tuple[bytes, bytes]]] = {}
+            groups: dict[int, list[tuple[bytes, bytes, None]]] = {}
             for i in range(size):
                 key = f"k{i}".encode()
                 groups.setdefault((murmur2(key) & 0x7FFFFFFF) % count, []).append(
-                    (key, orjson.dumps(event(b * size + i))))
-            futures = []
-            for partition, records in groups.items():
-                batch = producer.create_batch()
-                for key, value in records:
-                    if batch.append(key=key, value=value, timestamp=None) is None:
-                        futures.append(await producer.send_batch(batch, topic,
-                                                                 partition=partition))
-                        batch = producer.create_batch()
-                        batch.append(key=key, value=value, timestamp=None)
-                futures.append(await producer.send_batch(batch, topic, partition=partition))
-            await asyncio.gather(*futures)
+                    (key, orjson.dumps(event(b * size + i)), None))
+            await send_record_batches([producer], topic, groups)
         return batches * size / (time.perf_counter() - start)
     finally:
         await producer.stop()

@@ -470,7 +470,7 @@ async def test_records_sent_in_batches_get_their_own_offsets(kafka: FakeKafka,
         log = {p: [(e.key, e.value, e.offset) for e in kafka.log("u", p)] for p in (0, 1)}
         for (_, key, value, _), meta in zip(records, acked, strict=True):
             assert (key, value, meta.offset) in log[meta.partition]
-        assert {len(log[0]) + len(log[1])} == {10}
+        assert len(log[0]) + len(log[1]) == 10  # "before" and the nine
         if per_batch is not None:  # batches of at most 2 records: more than one future
             assert len(futures_of(sent)) >= 5
     finally:

@@ -135,9 +135,9 @@ def test_header_bytes_counted_while_building_match_the_headers() -> None:
 
 def test_a_calls_shared_header_work_gives_each_record_its_own_headers() -> None:
     """One memo per call: the requests of a batch share the captured headers list, publish
-    time and content type, which are filtered and encoded once. Requests that share only
-    some of them (or a list with the same contents) still get exactly the headers and size
-    a build without the memo gives, and no record's list is another's."""
+    time, content type, schema and priority, which are filtered and encoded once. Requests
+    that share only some of them (or a list with the same contents) still get exactly the
+    headers and size a build without the memo gives, and no record's list is another's."""
     shared = [("traceparent", b"00-" + b"a" * 32 + b"-" + b"b" * 16 + b"-01"),
               ("message-id", b"spoofed"), ("x", b"1")]
     base = request()._replace(headers=shared)
@@ -163,8 +163,9 @@ def test_a_calls_shared_header_work_gives_each_record_its_own_headers() -> None:
     assert h3["athomic-published-at"] == b"2500" and h3["message-id"] == b"id-3"
     assert "content-type" not in MessageHeaders(with_memo[3].headers)
     assert MessageHeaders(with_memo[5].headers)["y"] == b"2"
-    # one entry per distinct headers list, publish time and content type
-    assert len(memo) == 5
+    # one entry per distinct headers list, publish time, content type, schema and
+    # priority: all but id-7 (id-1's) differ in one of them
+    assert len(memo) == 6
     settings = MessagingSettings(delay_topics={1: "d1", 10: "d10"})
     delayed = DelayedPublishStrategy(settings)
     late = [r._replace(deliver_at=r.published_at + 5) for r in requests]
